@@ -1,0 +1,1 @@
+"""The per-node agent: GPU sources, the telemetry pipeline, the control API and the CLI."""

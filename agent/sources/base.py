@@ -1,0 +1,103 @@
+"""What every GPU source produces: static GPU identity and one sample per GPU per tick."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """What does not change while the agent runs."""
+
+    index: int
+    uuid: str
+    model: str  # marketing name as the driver reports it, e.g. "NVIDIA H100 80GB HBM3"
+    memory_total_bytes: int | None = None
+    power_limit_w: float | None = None
+    simulated: bool = False
+
+
+@dataclass(slots=True)
+class GpuSample:
+    """One reading of one GPU. ``None`` means the GPU or source does not report the field;
+    it is never replaced by zero.
+
+    Counters (energy, link bytes, error counts) are cumulative since the source started
+    (or since driver load where the hardware counter is used), so Prometheus ``rate()``
+    works on them directly.
+    """
+
+    index: int
+    timestamp_s: float  # wall-clock seconds (time.time()) when taken
+    ok: bool = True  # False when the GPU did not answer this tick
+    error: str | None = None
+    power_w: float | None = None
+    energy_j: float | None = None
+    energy_method: str = "counter"  # "counter" (hardware) or "integrated" (sum of power x dt)
+    power_limit_w: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    utilization: float | None = None  # fraction 0..1
+    sm_clock_mhz: float | None = None
+    temperature_c: float | None = None
+    throttle_reasons: int | None = None  # NVML clock-event reason bitmask
+    nvlink_tx_bytes: int | None = None
+    nvlink_rx_bytes: int | None = None
+    pcie_tx_bytes: int | None = None
+    pcie_rx_bytes: int | None = None
+    xid_errors: int | None = None  # count of XID events seen
+    last_xid: int | None = None
+    ecc_corrected: int | None = None
+    ecc_uncorrected: int | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+# NVML clock-event (throttle) reason bits and the names the agent exports them under.
+THROTTLE_REASONS: dict[int, str] = {
+    0x1: "gpu_idle",
+    0x2: "applications_clocks",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal",
+    0x40: "hw_thermal",
+    0x80: "hw_power_brake",
+    0x100: "display_clocks",
+}
+
+
+def throttle_names(mask: int) -> list[str]:
+    return [name for bit, name in THROTTLE_REASONS.items() if mask & bit]
+
+
+@runtime_checkable
+class GpuSource(Protocol):
+    """A source of GPU samples. ``open`` raises ``SourceUnavailable`` (with a hint) when the
+    backend cannot run here; ``sample`` never raises for one failing GPU: that GPU's sample
+    has ``ok=False`` and the others carry on."""
+
+    name: str
+    simulated: bool
+
+    def open(self) -> list[GpuInfo]: ...
+
+    def sample(self) -> list[GpuSample]: ...
+
+    def close(self) -> None: ...
+
+
+class OnceLogger:
+    """Logs a message once per key: an unsupported field is worth one line, not one a second."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._seen: set[tuple[object, ...]] = set()
+
+    def warn(self, key: tuple[object, ...], message: str, *args: object) -> None:
+        if key not in self._seen:
+            self._seen.add(key)
+            self._logger.warning(message, *args)

@@ -1,0 +1,7 @@
+"""``python -m rackscope``."""
+
+import sys
+
+from rackscope.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Engines: the things a workload sends requests to."""
