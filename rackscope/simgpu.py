@@ -161,14 +161,14 @@ class SimGpu:
     def _demand_w(self) -> float:
         p = self.profile
         busy = p.power_limit_w * BUSY_POWER_FRACTION
-        return p.idle_power_w + (busy - p.idle_power_w) * max(0.0, self.utilization) ** 0.8
+        return p.idle_power_w + (busy - p.idle_power_w) * math.pow(max(0.0, self.utilization), 0.8)
 
     def clock_factor(self) -> float:
         """SM clock as a fraction of its maximum, after power cap and thermal throttle."""
         factor = 1.0
         demand, limit, idle = self._demand_w(), self.enforced_limit_w(), self.profile.idle_power_w
         if demand > limit and demand > idle:
-            factor = (max(limit - idle, 1.0) / (demand - idle)) ** (1.0 / DYNAMIC_POWER_EXPONENT)
+            factor = math.pow(max(limit - idle, 1.0) / (demand - idle), 1.0 / DYNAMIC_POWER_EXPONENT)
         if self.faults.thermal_throttle:
             factor *= THERMAL_THROTTLE_CLOCK
         return factor
@@ -177,7 +177,7 @@ class SimGpu:
         if self.faults.dropped:
             return 0.0
         idle, demand = self.profile.idle_power_w, self._demand_w()
-        dynamic = (demand - idle) * self.clock_factor() ** DYNAMIC_POWER_EXPONENT
+        dynamic = (demand - idle) * math.pow(self.clock_factor(), DYNAMIC_POWER_EXPONENT)
         return min(idle + dynamic, self.enforced_limit_w())
 
     def speed(self) -> float:
