@@ -1,0 +1,641 @@
+"""The NVML GPU source: power, energy, memory, clocks, NVLink traffic and errors through pynvml.
+
+This is the only module that imports ``pynvml`` (package nvidia-ml-py). It loads it lazily so
+that a missing package or driver library is reported by ``probe()`` / ``open()`` as
+``SourceUnavailable`` with a hint, never as an import error.
+
+Failures come in tiers:
+- NVML cannot start (no library, no driver): ``open()`` raises ``SourceUnavailable``.
+- One GPU does not support one field: that field is ``None`` for that GPU, logged once, and
+  not asked again.
+- One GPU stops answering (GPU lost, reset required, ...): its sample has ``ok=False`` and
+  ``error`` set; the other GPUs carry on, and it is asked again next tick in case it recovers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.sources.base import GpuInfo, GpuSample, OnceLogger
+from rackscope.clock import Clock, WallClock
+from rackscope.errors import SourceError, SourceUnavailable
+
+log = logging.getLogger(__name__)
+
+SIM_HINT = "run with --source sim"
+
+# NVML return codes (nvml.h). Classified by number so the tiers do not depend on which
+# NVMLError_* classes a given nvidia-ml-py release generates.
+_ERR_UNINITIALIZED = 1
+_ERR_INVALID_ARGUMENT = 2
+_ERR_NOT_SUPPORTED = 3
+_ERR_NO_PERMISSION = 4
+_ERR_NOT_FOUND = 6
+_ERR_DRIVER_NOT_LOADED = 9
+_ERR_TIMEOUT = 10
+_ERR_IRQ_ISSUE = 11
+_ERR_LIBRARY_NOT_FOUND = 12
+_ERR_FUNCTION_NOT_FOUND = 13
+_ERR_GPU_IS_LOST = 15
+_ERR_RESET_REQUIRED = 16
+_ERR_OPERATING_SYSTEM = 17
+_ERR_LIB_RM_VERSION_MISMATCH = 18
+_ERR_ARGUMENT_VERSION_MISMATCH = 25
+_ERR_DEPRECATED = 26
+_ERR_GPU_NOT_FOUND = 28
+_ERR_UNKNOWN = 999
+
+# This GPU, driver or library cannot give the field at all: report None and stop asking.
+_UNSUPPORTED = frozenset(
+    {
+        _ERR_INVALID_ARGUMENT,
+        _ERR_NOT_SUPPORTED,
+        _ERR_NO_PERMISSION,
+        _ERR_NOT_FOUND,
+        _ERR_FUNCTION_NOT_FOUND,
+        _ERR_ARGUMENT_VERSION_MISMATCH,
+        _ERR_DEPRECATED,
+    }
+)
+# The GPU (or the driver under it) stopped answering: the whole sample of that GPU fails.
+# Any other code makes one field None for one tick.
+_GPU_FAILED = frozenset(
+    {
+        _ERR_UNINITIALIZED,
+        _ERR_DRIVER_NOT_LOADED,
+        _ERR_TIMEOUT,
+        _ERR_IRQ_ISSUE,
+        _ERR_GPU_IS_LOST,
+        _ERR_RESET_REQUIRED,
+        _ERR_OPERATING_SYSTEM,
+        _ERR_LIB_RM_VERSION_MISMATCH,
+        _ERR_GPU_NOT_FOUND,
+        _ERR_UNKNOWN,
+    }
+)
+
+# nvml.h constants used below (also in pynvml; kept here so an older binding still works).
+_FI_NVLINK_LINK_COUNT = 91
+_FI_NVLINK_DATA_TX = 138  # KiB
+_FI_NVLINK_DATA_RX = 139  # KiB
+_SCOPE_ALL_LINKS = 0xFFFFFFFF  # scopeId UINT_MAX: the driver sums the counter over all links
+_NVLINK_MAX_LINKS = 36
+_GPM_NVLINK_TOTAL_RX_PER_SEC = 60  # MiB/s
+_GPM_NVLINK_TOTAL_TX_PER_SEC = 61  # MiB/s
+_GPM_METRICS_GET_VERSION = 1
+_EVENT_XID_CRITICAL = 0x8
+_CLOCK_SM = 1
+_TEMPERATURE_GPU = 0
+_ECC_CORRECTED = 0
+_ECC_UNCORRECTED = 1
+_ECC_VOLATILE = 0  # since driver load, as opposed to aggregate over the board's life
+_BYTES_PER_KIB = 1024
+_BYTES_PER_MIB = 1024 * 1024
+_MAX_EVENTS_PER_TICK = 64  # bounds the drain loop if a driver keeps reporting events
+
+_CLOCK_EVENTS_FN = "nvmlDeviceGetCurrentClocksEventReasons"
+_THROTTLE_FN = "nvmlDeviceGetCurrentClocksThrottleReasons"  # the name before driver r535
+
+
+class _GpuNotAnswering(SourceError):
+    """Raised inside a tick when one GPU fails; ``sample`` turns it into ``ok=False``."""
+
+
+def _load_pynvml() -> Any:
+    try:
+        return importlib.import_module("pynvml")
+    except ImportError as exc:
+        raise SourceUnavailable("pynvml is not installed", hint=f"pip install nvidia-ml-py, or {SIM_HINT}") from exc
+
+
+def _init(nv: Any) -> None:
+    """``nvmlInit`` with its failures translated into ``SourceUnavailable``."""
+    try:
+        nv.nvmlInit()
+    except nv.NVMLError as exc:
+        code = exc.value
+        if code == _ERR_LIBRARY_NOT_FOUND:
+            raise SourceUnavailable("NVML library not found", hint=f"install the NVIDIA driver, or {SIM_HINT}") from exc
+        if code == _ERR_DRIVER_NOT_LOADED:
+            raise SourceUnavailable(
+                "NVIDIA driver not loaded",
+                hint=f"load the nvidia kernel module (nvidia-smi should list the GPUs), or {SIM_HINT}",
+            ) from exc
+        if code == _ERR_LIB_RM_VERSION_MISMATCH:
+            raise SourceUnavailable(
+                "NVML library and NVIDIA kernel driver versions differ",
+                hint=f"reload the nvidia kernel module or reboot after a driver upgrade, or {SIM_HINT}",
+            ) from exc
+        if code == _ERR_NO_PERMISSION:
+            raise SourceUnavailable(
+                "no permission to use NVML", hint=f"check access to the /dev/nvidia* devices, or {SIM_HINT}"
+            ) from exc
+        raise SourceUnavailable(f"NVML failed to start: {exc}", hint=f"check nvidia-smi, or {SIM_HINT}") from exc
+
+
+def _shutdown(nv: Any) -> None:
+    try:
+        nv.nvmlShutdown()
+    except nv.NVMLError as exc:
+        log.warning("NVML shutdown failed: %s", exc)
+
+
+def probe() -> str | None:
+    """``None`` when NVML answers and sees at least one GPU, else the reason it cannot be used."""
+    try:
+        nv = _load_pynvml()
+        _init(nv)
+    except SourceUnavailable as exc:
+        return str(exc)
+    try:
+        count = int(nv.nvmlDeviceGetCount())
+    except nv.NVMLError as exc:
+        return f"NVML could not count GPUs: {exc}"
+    finally:
+        _shutdown(nv)
+    return None if count > 0 else "NVML found no GPUs"
+
+
+def _text(value: object) -> str:
+    # nvidia-ml-py decodes strings on Python 3; older releases returned bytes.
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclass(slots=True)
+class _Counter:
+    """A cumulative hardware counter turned into "since the source opened".
+
+    If the counter goes backwards (the driver was reloaded and restarted it from zero), what
+    was counted so far is kept and counting goes on from the new zero.
+    """
+
+    base: int | None = None
+    last: int = 0
+    carried: int = 0
+
+    def update(self, raw: int) -> int:
+        if self.base is None:
+            self.base = raw
+        elif raw < self.last:
+            self.carried += self.last - self.base
+            self.base = 0
+        self.last = raw
+        return self.carried + raw - self.base
+
+    @property
+    def value(self) -> int:
+        return 0 if self.base is None else self.carried + self.last - self.base
+
+
+@dataclass(slots=True)
+class _Gpu:
+    """What the source keeps for one GPU between ticks."""
+
+    index: int
+    handle: Any
+    info: GpuInfo
+    unsupported: set[str] = field(default_factory=set)
+    failing: bool = False
+    energy: _Counter = field(default_factory=_Counter)
+    energy_integrated: bool = False
+    integrated_energy_j: float = 0.0
+    last_power_s: float | None = None  # clock time of the last power reading integrated
+    nvlink_mode: str | None = None  # "aggregate" | "links" | "gpm" | None
+    nvlink_links: list[int] = field(default_factory=list)
+    nvlink_tx: _Counter = field(default_factory=_Counter)
+    nvlink_rx: _Counter = field(default_factory=_Counter)
+    gpm_samples: list[Any] = field(default_factory=list)  # [previous, current]
+    gpm_request: Any = None
+    gpm_last_s: float = 0.0
+    gpm_tx_bytes: float = 0.0
+    gpm_rx_bytes: float = 0.0
+    event_set: Any = None
+    xid_errors: int = 0
+    last_xid: int | None = None
+
+
+class NvmlSource:
+    """GPU samples from NVML, one per GPU per ``sample()``.
+
+    ``clock`` measures the intervals used where a rate is integrated (energy from power when
+    the energy counter is unsupported, NVLink bytes from GPM rates); timestamps are wall time.
+    """
+
+    name = "nvml"
+    simulated = False
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock: Clock = clock or WallClock()
+        self._nv: Any = None
+        self._gpus: list[_Gpu] = []
+        self._once = OnceLogger(log)
+        self._throttle_fn = _CLOCK_EVENTS_FN
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> list[GpuInfo]:
+        if self._gpus:
+            return [gpu.info for gpu in self._gpus]
+        nv = _load_pynvml()
+        _init(nv)
+        try:
+            count = int(nv.nvmlDeviceGetCount())
+            driver = _text(nv.nvmlSystemGetDriverVersion())
+        except nv.NVMLError as exc:
+            _shutdown(nv)
+            raise SourceUnavailable(
+                f"NVML could not list GPUs: {exc}", hint=f"check nvidia-smi, or {SIM_HINT}"
+            ) from exc
+        self._nv = nv
+        for index in range(count):
+            try:
+                self._gpus.append(self._open_gpu(index))
+            except (nv.NVMLError, _GpuNotAnswering) as exc:
+                # One broken GPU must not keep the others from being watched.
+                log.warning("GPU %d skipped: NVML cannot open it (%s)", index, exc)
+        if not self._gpus:
+            self._nv = None
+            _shutdown(nv)
+            raise SourceUnavailable(
+                f"NVML found no usable GPUs ({count} listed)", hint=f"check nvidia-smi, or {SIM_HINT}"
+            )
+        log.info("NVML source: driver %s, %d of %d GPUs", driver, len(self._gpus), count)
+        return [gpu.info for gpu in self._gpus]
+
+    def close(self) -> None:
+        if self._nv is None:
+            return
+        nv = self._nv
+        for gpu in self._gpus:
+            self._free(gpu)
+        self._gpus = []
+        self._nv = None
+        _shutdown(nv)
+
+    def _free(self, gpu: _Gpu) -> None:
+        nv = self._nv
+        try:
+            if gpu.event_set is not None:
+                nv.nvmlEventSetFree(gpu.event_set)
+            for gpm_sample in gpu.gpm_samples:
+                if gpm_sample is not None:
+                    nv.nvmlGpmSampleFree(gpm_sample)
+        except nv.NVMLError as exc:
+            log.debug("GPU %d: freeing NVML resources failed: %s", gpu.index, exc)
+        gpu.event_set = None
+        gpu.gpm_samples = []
+
+    def _open_gpu(self, index: int) -> _Gpu:
+        handle = self._nv.nvmlDeviceGetHandleByIndex(index)
+        gpu = _Gpu(index=index, handle=handle, info=GpuInfo(index=index, uuid="", model=""))
+        try:
+            self._setup_gpu(gpu)
+        except (self._nv.NVMLError, _GpuNotAnswering):
+            self._free(gpu)
+            raise
+        return gpu
+
+    def _setup_gpu(self, gpu: _Gpu) -> None:
+        index, handle = gpu.index, gpu.handle
+        name = self._call(gpu, "name", "nvmlDeviceGetName", handle)
+        uuid = self._call(gpu, "uuid", "nvmlDeviceGetUUID", handle)
+        memory = self._call(gpu, "memory", "nvmlDeviceGetMemoryInfo", handle)
+        limit_mw = self._call(gpu, "power_limit", "nvmlDeviceGetEnforcedPowerLimit", handle)
+        gpu.info = GpuInfo(
+            index=index,
+            uuid=_text(uuid) if uuid is not None else f"nvml-{index}",
+            model=_text(name) if name is not None else "unknown NVIDIA GPU",
+            memory_total_bytes=int(memory.total) if memory is not None else None,
+            power_limit_w=limit_mw / 1000.0 if limit_mw is not None else None,
+        )
+        now_s = self._clock.now()
+        self._read_energy_counter(gpu, now_s)  # the first reading is the zero of "since open"
+        self._open_nvlink(gpu, now_s)
+        self._open_events(gpu)
+
+    def _open_nvlink(self, gpu: _Gpu, now_s: float) -> None:
+        """Chooses how this GPU's NVLink bytes are read and takes the first reading.
+
+        First choice: the throughput field values with the all-links scope, which the driver
+        sums itself (summing per-link scopes risks counting N times on drivers that answer
+        every link with the total). Then per-link scopes summed, for drivers that refuse the
+        all-links scope. Then GPM rates (Hopper and newer) integrated over time.
+        """
+        ids = [
+            (_FI_NVLINK_LINK_COUNT, 0),
+            (_FI_NVLINK_DATA_TX, _SCOPE_ALL_LINKS),
+            (_FI_NVLINK_DATA_RX, _SCOPE_ALL_LINKS),
+        ]
+        values = self._field_values(gpu, ids, quiet=True)
+        if values is not None:
+            links, tx_kib, rx_kib = values
+            if links == 0:
+                self._unsupported(gpu, "nvlink", "the GPU has no NVLink links")
+                return
+            if tx_kib is not None and rx_kib is not None:
+                gpu.nvlink_mode = "aggregate"
+                gpu.nvlink_tx.update(tx_kib)
+                gpu.nvlink_rx.update(rx_kib)
+                return
+            all_links = range(links or _NVLINK_MAX_LINKS)
+            ids = [(_FI_NVLINK_DATA_TX, link) for link in all_links] + [
+                (_FI_NVLINK_DATA_RX, link) for link in all_links
+            ]
+            per_link = self._field_values(gpu, ids, quiet=True)
+            if per_link is not None:
+                tx, rx = per_link[: len(all_links)], per_link[len(all_links) :]
+                answered = [i for i in range(len(all_links)) if tx[i] is not None and rx[i] is not None]
+                if answered:
+                    gpu.nvlink_mode = "links"
+                    gpu.nvlink_links = [all_links[i] for i in answered]
+                    gpu.nvlink_tx.update(sum(tx[i] or 0 for i in answered))
+                    gpu.nvlink_rx.update(sum(rx[i] or 0 for i in answered))
+                    return
+        if self._open_gpm(gpu, now_s):
+            return
+        self._unsupported(gpu, "nvlink", "neither NVLink throughput fields nor GPM metrics answer")
+
+    def _open_gpm(self, gpu: _Gpu, now_s: float) -> bool:
+        nv = self._nv
+        support = self._call(gpu, "nvlink", "nvmlGpmQueryDeviceSupport", gpu.handle, quiet=True)
+        if support is None or not support.isSupportedDevice:
+            return False
+        gpu.gpm_samples = [
+            self._call(gpu, "nvlink", "nvmlGpmSampleAlloc", quiet=True),
+            self._call(gpu, "nvlink", "nvmlGpmSampleAlloc", quiet=True),
+        ]
+        if None in gpu.gpm_samples:
+            return False
+        if self._call(gpu, "nvlink", "nvmlGpmSampleGet", gpu.handle, gpu.gpm_samples[0], quiet=True) is None:
+            return False
+        request = nv.c_nvmlGpmMetricsGet_t()
+        request.version = _GPM_METRICS_GET_VERSION
+        request.numMetrics = 2
+        request.metrics[0].metricId = _GPM_NVLINK_TOTAL_TX_PER_SEC
+        request.metrics[1].metricId = _GPM_NVLINK_TOTAL_RX_PER_SEC
+        gpu.gpm_request = request
+        gpu.gpm_last_s = now_s
+        gpu.nvlink_mode = "gpm"
+        log.debug("GPU %d: NVLink bytes integrated from GPM rates", gpu.index)
+        return True
+
+    def _open_events(self, gpu: _Gpu) -> None:
+        """Registers for XID critical-error events on a set of this GPU's own, so events need
+        no sorting by device and a lost GPU cannot disturb the others' sets."""
+        nv = self._nv
+        try:
+            event_set = nv.nvmlEventSetCreate()
+        except nv.NVMLError as exc:
+            self._unsupported(gpu, "xid", f"no NVML event set: {exc}")
+            return
+        try:
+            nv.nvmlDeviceRegisterEvents(gpu.handle, _EVENT_XID_CRITICAL, event_set)
+        except nv.NVMLError as exc:
+            nv.nvmlEventSetFree(event_set)
+            if exc.value in _GPU_FAILED:
+                raise _GpuNotAnswering(f"xid: {exc}") from exc
+            self._unsupported(gpu, "xid", f"cannot register for XID events: {exc}")
+            return
+        gpu.event_set = event_set
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def sample(self) -> list[GpuSample]:
+        if self._nv is None:
+            raise SourceError("the NVML source is not open")
+        return [self._sample_gpu(gpu) for gpu in self._gpus]
+
+    def _sample_gpu(self, gpu: _Gpu) -> GpuSample:
+        sample = GpuSample(index=gpu.index, timestamp_s=time.time())
+        try:
+            self._read(gpu, sample)
+        except _GpuNotAnswering as exc:
+            if not gpu.failing:
+                log.warning("GPU %d stopped answering NVML: %s", gpu.index, exc)
+            gpu.failing = True
+            failed = GpuSample(
+                index=gpu.index,
+                timestamp_s=sample.timestamp_s,
+                ok=False,
+                error=str(exc),
+                energy_method="integrated" if gpu.energy_integrated else "counter",
+            )
+            # XID events are most wanted exactly when a GPU fails; the event queue may still answer.
+            with contextlib.suppress(_GpuNotAnswering):
+                self._read_xid(gpu, failed)
+            return failed
+        if gpu.failing:
+            log.warning("GPU %d answers NVML again", gpu.index)
+            gpu.failing = False
+        return sample
+
+    def _read(self, gpu: _Gpu, s: GpuSample) -> None:
+        h = gpu.handle
+        now_s = self._clock.now()
+        power_mw = self._call(gpu, "power", "nvmlDeviceGetPowerUsage", h)
+        s.power_w = power_mw / 1000.0 if power_mw is not None else None
+        self._read_energy(gpu, s, now_s)
+        limit_mw = self._call(gpu, "power_limit", "nvmlDeviceGetEnforcedPowerLimit", h)
+        s.power_limit_w = limit_mw / 1000.0 if limit_mw is not None else None
+        memory = self._call(gpu, "memory", "nvmlDeviceGetMemoryInfo", h)
+        if memory is not None:
+            s.memory_used_bytes = int(memory.used)
+            s.memory_total_bytes = int(memory.total)
+        util = self._call(gpu, "utilization", "nvmlDeviceGetUtilizationRates", h)
+        s.utilization = util.gpu / 100.0 if util is not None else None
+        clock_mhz = self._call(gpu, "sm_clock", "nvmlDeviceGetClockInfo", h, _CLOCK_SM)
+        s.sm_clock_mhz = float(clock_mhz) if clock_mhz is not None else None
+        temperature_c = self._call(gpu, "temperature", "nvmlDeviceGetTemperature", h, _TEMPERATURE_GPU)
+        s.temperature_c = float(temperature_c) if temperature_c is not None else None
+        s.throttle_reasons = self._read_throttle(gpu)
+        self._read_nvlink(gpu, s, now_s)
+        corrected = self._call(gpu, "ecc", "nvmlDeviceGetTotalEccErrors", h, _ECC_CORRECTED, _ECC_VOLATILE)
+        if corrected is not None:
+            s.ecc_corrected = int(corrected)
+            uncorrected = self._call(gpu, "ecc", "nvmlDeviceGetTotalEccErrors", h, _ECC_UNCORRECTED, _ECC_VOLATILE)
+            s.ecc_uncorrected = int(uncorrected) if uncorrected is not None else None
+        self._read_xid(gpu, s)
+
+    def _read_energy_counter(self, gpu: _Gpu, now_s: float) -> float | None:
+        """Joules since open from the hardware counter (mJ since driver load). Where the GPU
+        has no counter, switches it to integrating power and returns ``None``."""
+        nv = self._nv
+        try:
+            energy_mj = int(nv.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
+        except nv.NVMLError as exc:
+            if exc.value in _UNSUPPORTED:
+                self._once.warn(
+                    (gpu.index, "energy"),
+                    "GPU %d: no energy counter (%s); integrating power over time instead",
+                    gpu.index,
+                    exc,
+                )
+                self._start_integrating(gpu, now_s)
+            else:
+                self._failed(gpu, "energy", exc)
+            return None
+        return gpu.energy.update(energy_mj) / 1000.0
+
+    def _read_energy(self, gpu: _Gpu, s: GpuSample, now_s: float) -> None:
+        if not gpu.energy_integrated:
+            s.energy_j = self._read_energy_counter(gpu, now_s)
+            if not gpu.energy_integrated:
+                return  # a value, or a one-tick failure that leaves the counter as it was
+        s.energy_method = "integrated"
+        if s.power_w is None:
+            return
+        # NVML power is an average over the last second or so, so the latest reading is the
+        # best estimate for the whole interval since the previous one.
+        if gpu.last_power_s is not None:
+            gpu.integrated_energy_j += s.power_w * max(0.0, now_s - gpu.last_power_s)
+        gpu.last_power_s = now_s
+        s.energy_j = gpu.integrated_energy_j
+
+    def _start_integrating(self, gpu: _Gpu, now_s: float) -> None:
+        gpu.energy_integrated = True
+        gpu.integrated_energy_j = gpu.energy.value / 1000.0  # carry on from the counter, no reset
+        gpu.last_power_s = now_s
+
+    def _read_throttle(self, gpu: _Gpu) -> int | None:
+        if "throttle_reasons" in gpu.unsupported:
+            return None
+        nv = self._nv
+        fn = getattr(nv, self._throttle_fn, None)
+        try:
+            if fn is None:
+                raise nv.NVMLError(_ERR_FUNCTION_NOT_FOUND)
+            return int(fn(gpu.handle))
+        except nv.NVMLError as exc:
+            if exc.value == _ERR_FUNCTION_NOT_FOUND and self._throttle_fn == _CLOCK_EVENTS_FN:
+                # The driver (or binding) predates the clocks-event name: use the older one.
+                log.info("NVML: %s not available, using %s", _CLOCK_EVENTS_FN, _THROTTLE_FN)
+                self._throttle_fn = _THROTTLE_FN
+                return self._read_throttle(gpu)
+            self._failed(gpu, "throttle_reasons", exc)
+            return None
+
+    def _read_nvlink(self, gpu: _Gpu, s: GpuSample, now_s: float) -> None:
+        if gpu.nvlink_mode in ("aggregate", "links"):
+            if gpu.nvlink_mode == "aggregate":
+                ids = [(_FI_NVLINK_DATA_TX, _SCOPE_ALL_LINKS), (_FI_NVLINK_DATA_RX, _SCOPE_ALL_LINKS)]
+            else:
+                ids = [(_FI_NVLINK_DATA_TX, link) for link in gpu.nvlink_links]
+                ids += [(_FI_NVLINK_DATA_RX, link) for link in gpu.nvlink_links]
+            values = self._field_values(gpu, ids)
+            if values is None or any(v is None for v in values):
+                return
+            half = len(values) // 2
+            tx_kib = sum(v or 0 for v in values[:half])
+            rx_kib = sum(v or 0 for v in values[half:])
+            s.nvlink_tx_bytes = gpu.nvlink_tx.update(tx_kib) * _BYTES_PER_KIB
+            s.nvlink_rx_bytes = gpu.nvlink_rx.update(rx_kib) * _BYTES_PER_KIB
+        elif gpu.nvlink_mode == "gpm":
+            self._read_gpm(gpu, s, now_s)
+
+    def _read_gpm(self, gpu: _Gpu, s: GpuSample, now_s: float) -> None:
+        previous, current = gpu.gpm_samples
+        if self._call(gpu, "nvlink", "nvmlGpmSampleGet", gpu.handle, current) is None:
+            return
+        request = gpu.gpm_request
+        request.sample1, request.sample2 = previous, current
+        if self._call(gpu, "nvlink", "nvmlGpmMetricsGet", request) is None:
+            return
+        gpu.gpm_samples = [current, previous]  # this sample is the start of the next interval
+        dt_s = max(0.0, now_s - gpu.gpm_last_s)
+        gpu.gpm_last_s = now_s
+        tx, rx = request.metrics[0], request.metrics[1]
+        for metric in (tx, rx):
+            if metric.nvmlReturn != 0:
+                self._failed(gpu, "nvlink", self._nv.NVMLError(metric.nvmlReturn))
+                return
+        gpu.gpm_tx_bytes += tx.value * _BYTES_PER_MIB * dt_s
+        gpu.gpm_rx_bytes += rx.value * _BYTES_PER_MIB * dt_s
+        s.nvlink_tx_bytes = round(gpu.gpm_tx_bytes)
+        s.nvlink_rx_bytes = round(gpu.gpm_rx_bytes)
+
+    def _read_xid(self, gpu: _Gpu, s: GpuSample) -> None:
+        if gpu.event_set is None:
+            return
+        nv = self._nv
+        for _ in range(_MAX_EVENTS_PER_TICK):
+            try:
+                event = nv.nvmlEventSetWait(gpu.event_set, 0)  # 0 ms: poll, never block the tick
+            except nv.NVMLError as exc:
+                if exc.value != _ERR_TIMEOUT:  # Timeout means "no event pending"
+                    self._failed(gpu, "xid", exc)
+                break
+            if event.eventType & _EVENT_XID_CRITICAL:
+                gpu.xid_errors += 1
+                gpu.last_xid = int(event.eventData)
+                log.warning("GPU %d: XID %d", gpu.index, gpu.last_xid)
+        s.xid_errors = gpu.xid_errors
+        s.last_xid = gpu.last_xid
+
+    # -- NVML calls and their failures -------------------------------------------------------
+
+    def _call(self, gpu: _Gpu, what: str, fn_name: str, *args: Any, quiet: bool = False) -> Any:
+        """One NVML call for one field of one GPU; ``None`` when it gave no value.
+
+        ``quiet`` is for trying out alternatives at open: a refusal is neither logged nor
+        remembered, the caller decides what it means. A GPU that stops answering always raises.
+        """
+        if what in gpu.unsupported:
+            return None
+        nv = self._nv
+        fn: Callable[..., Any] | None = getattr(nv, fn_name, None)
+        if fn is None:
+            if not quiet:
+                self._unsupported(gpu, what, f"{fn_name} is not in this nvidia-ml-py")
+            return None
+        try:
+            return fn(*args)
+        except nv.NVMLError as exc:
+            self._failed(gpu, what, exc, quiet=quiet)
+            return None
+
+    def _field_values(self, gpu: _Gpu, ids: list[tuple[int, int]], quiet: bool = False) -> list[int | None] | None:
+        """``nvmlDeviceGetFieldValues``: one integer or ``None`` per (field, scope), or ``None``
+        when the call as a whole failed."""
+        values = self._call(gpu, "nvlink", "nvmlDeviceGetFieldValues", gpu.handle, ids, quiet=quiet)
+        if values is None:
+            return None
+        out: list[int | None] = []
+        for value in values:
+            code = int(value.nvmlReturn)
+            if code == 0:
+                # Field 91 is an unsigned int, the throughput counters unsigned long long.
+                out.append(int(value.value.uiVal if value.fieldId == _FI_NVLINK_LINK_COUNT else value.value.ullVal))
+                continue
+            out.append(None)
+            self._failed(gpu, "nvlink", self._nv.NVMLError(code), quiet=quiet)
+        return out
+
+    def _failed(self, gpu: _Gpu, what: str, exc: Any, quiet: bool = False) -> None:
+        code = exc.value
+        if code in _GPU_FAILED:
+            raise _GpuNotAnswering(f"{what}: {exc}")
+        if quiet:
+            log.debug("GPU %d: %s refused (%s)", gpu.index, what, exc)
+            return
+        if code in _UNSUPPORTED:
+            self._unsupported(gpu, what, str(exc))
+            return
+        self._once.warn(
+            (gpu.index, what, code),
+            "GPU %d: NVML could not read %s this tick (%s); reported as missing",
+            gpu.index,
+            what,
+            exc,
+        )
+
+    def _unsupported(self, gpu: _Gpu, what: str, reason: str) -> None:
+        gpu.unsupported.add(what)
+        self._once.warn(
+            (gpu.index, what), "GPU %d: %s not available (%s); reported as missing", gpu.index, what, reason
+        )
