@@ -1,0 +1,658 @@
+"""GPU samples scraped from NVIDIA dcgm-exporter's Prometheus endpoint (the only module that reads its text).
+
+dcgm-exporter (default ``http://localhost:9400/metrics``) publishes one line per GPU and DCGM field.
+This source scrapes it with a blocking HTTP GET (the agent calls ``sample`` from a worker thread),
+parses the text with ``prometheus_client``'s parser and maps the fields onto ``GpuSample``:
+
+=====================================  =====================  ==========================================
+dcgm-exporter series                   unit there             ``GpuSample`` field
+=====================================  =====================  ==========================================
+DCGM_FI_DEV_POWER_USAGE                W                      power_w
+DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION   mJ since driver load   energy_j since ``open`` (counter delta);
+                                                              absent: power integrated over time
+DCGM_FI_DEV_FB_USED / _FREE / _RESERVED MiB                   memory_used_bytes; total = FB_TOTAL, else
+                                                              used + free + reserved
+DCGM_FI_DEV_GPU_UTIL                   %                      utilization (fraction)
+DCGM_FI_DEV_SM_CLOCK                   MHz                    sm_clock_mhz
+DCGM_FI_DEV_GPU_TEMP                   C                      temperature_c
+DCGM_FI_DEV_ENFORCED_POWER_LIMIT,      W                      power_limit_w
+  else DCGM_FI_DEV_POWER_MGMT_LIMIT
+DCGM_FI_DEV_CLOCKS_EVENT_REASONS,      NVML bitmask           throttle_reasons
+  else DCGM_FI_DEV_CLOCK_THROTTLE_REASONS
+DCGM_FI_PROF_NVLINK_TX/RX_BYTES        B/s (rate)             nvlink_tx/rx_bytes, integrated over time
+  else DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL  MB/s, tx+rx (rate) half to each direction (an estimate)
+DCGM_FI_PROF_PCIE_TX/RX_BYTES          B/s (rate)             pcie_tx/rx_bytes, integrated over time
+  else DCGM_FI_DEV_PCIE_TX/RX_THROUGHPUT   KB/s (rate)
+DCGM_FI_DEV_XID_ERRORS                 last XID seen          last_xid; xid_errors counts changes to a
+                                                              new non-zero value since ``open``
+DCGM_FI_DEV_ECC_SBE/DBE_VOL_TOTAL      count since driver     ecc_corrected / ecc_uncorrected
+=====================================  =====================  ==========================================
+
+Facts behind the table (dcgm-exporter ``etc/default-counters.csv`` and ``dcp-metrics-included.csv``,
+DCGM ``dcgm_fields.h``, NVML docs, exporter issues):
+
+- ``DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL`` is declared ``counter`` in the CSVs but is a rate: values go
+  up and down between scrapes; users who checked it against ``nvidia-smi nvlink`` found MB/s, summed
+  over both directions and all links. We integrate it like the profiling rates and, having no
+  direction, give half to tx and half to rx (right for the symmetric collective traffic of tensor
+  parallel inference, a guess otherwise). The profiling fields, when present, are used instead.
+- ``DCGM_FI_DEV_PCIE_TX/RX_THROUGHPUT`` (default CSV, deprecated in DCGM) come from NVML's PCIe
+  throughput query: KB/s over a 20 ms window, despite the ``counter`` type in the CSV.
+- Rates are integrated with the trapezoidal rule between consecutive successful scrapes, so an
+  outage is bridged with the mean of the rates on either side of it.
+- dcgm-exporter refreshes its values every 30 s by default (``-c``); scraping faster repeats values.
+- MIG: each GPU instance gets its own line (labels ``GPU_I_ID``, ``GPU_I_PROFILE``) and device-wide
+  fields (power, energy, temperature, clocks, XID) are repeated on every one. They are taken once per
+  physical GPU, never summed. Framebuffer fields are per instance and the instances partition the
+  memory, so used (and total) memory is the sum over the GPU's instances; memory not assigned to any
+  instance is not in the total, and if any instance lacks the field the GPU's value is ``None``
+  rather than a partial sum. ``DCGM_FI_DEV_GPU_UTIL`` is not supported for MIG instances (DCGM
+  reports 0), so utilization is ``None`` there.
+- Kubernetes adds ``pod``/``namespace``/``container``; a GPU shared by several pods gets one line per
+  pod with the same value. These labels are ignored and duplicates taken once.
+- Older exporters (and DCGM itself) can emit "blank" sentinels (2**47 for doubles, 2**63 - 16 and
+  up for integers) for unsupported fields; those, NaN and infinities become ``None``.
+
+Any field the exporter does not send becomes ``None`` for that tick, never zero.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import logging
+import math
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.sources.base import GpuInfo, GpuSample, OnceLogger
+from rackscope.clock import Clock
+from rackscope.errors import ConfigError, SourceError, SourceUnavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://localhost:9400/metrics"
+DEFAULT_PATH = "/metrics"
+HINT = "is dcgm-exporter running? pass --dcgm-url, or run with --source sim"
+
+MIB = 1024 * 1024
+MB = 1_000_000  # NVLINK_BANDWIDTH_TOTAL is reported in MB/s
+KB = 1024  # NVML's PCIe throughput "KB/s"
+MAX_BODY_BYTES = 64 * MIB  # a full exporter page for 8 GPUs is well under 1 MiB
+
+# Fields this source reads.
+POWER = "DCGM_FI_DEV_POWER_USAGE"
+ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+FB_USED = "DCGM_FI_DEV_FB_USED"
+FB_FREE = "DCGM_FI_DEV_FB_FREE"
+FB_RESERVED = "DCGM_FI_DEV_FB_RESERVED"
+FB_TOTAL = "DCGM_FI_DEV_FB_TOTAL"
+GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"
+SM_CLOCK = "DCGM_FI_DEV_SM_CLOCK"
+GPU_TEMP = "DCGM_FI_DEV_GPU_TEMP"
+POWER_LIMIT_ENFORCED = "DCGM_FI_DEV_ENFORCED_POWER_LIMIT"
+POWER_LIMIT = "DCGM_FI_DEV_POWER_MGMT_LIMIT"
+CLOCKS_EVENT_REASONS = "DCGM_FI_DEV_CLOCKS_EVENT_REASONS"  # name since DCGM 3.3
+CLOCK_THROTTLE_REASONS = "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS"  # same field (112), older name
+NVLINK_TX = "DCGM_FI_PROF_NVLINK_TX_BYTES"
+NVLINK_RX = "DCGM_FI_PROF_NVLINK_RX_BYTES"
+NVLINK_TOTAL = "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL"
+PCIE_TX = "DCGM_FI_PROF_PCIE_TX_BYTES"
+PCIE_RX = "DCGM_FI_PROF_PCIE_RX_BYTES"
+PCIE_TX_LEGACY = "DCGM_FI_DEV_PCIE_TX_THROUGHPUT"
+PCIE_RX_LEGACY = "DCGM_FI_DEV_PCIE_RX_THROUGHPUT"
+XID = "DCGM_FI_DEV_XID_ERRORS"
+ECC_SBE = "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL"
+ECC_DBE = "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"
+
+FIELDS = frozenset(
+    {
+        POWER,
+        ENERGY,
+        FB_USED,
+        FB_FREE,
+        FB_RESERVED,
+        FB_TOTAL,
+        GPU_UTIL,
+        SM_CLOCK,
+        GPU_TEMP,
+        POWER_LIMIT_ENFORCED,
+        POWER_LIMIT,
+        CLOCKS_EVENT_REASONS,
+        CLOCK_THROTTLE_REASONS,
+        NVLINK_TX,
+        NVLINK_RX,
+        NVLINK_TOTAL,
+        PCIE_TX,
+        PCIE_RX,
+        PCIE_TX_LEGACY,
+        PCIE_RX_LEGACY,
+        XID,
+        ECC_SBE,
+        ECC_DBE,
+    }
+)
+# DCGM stores these as doubles; every other field above is an int64.
+_DOUBLE_FIELDS = frozenset({POWER, POWER_LIMIT_ENFORCED, POWER_LIMIT})
+_FP64_BLANK = float(2**47)  # DCGM_FP64_BLANK; the other double sentinels sit just above it
+_INT64_BLANK = 0x7FFFFFFFFFFFFFF0  # DCGM_INT64_BLANK; NOT_FOUND, NOT_SUPPORTED... follow it
+
+# Lines that carry these belong to NVSwitch or per-link entities, not to a GPU as a whole.
+_NON_GPU_LABELS = frozenset({"nvswitch", "nvlink"})
+
+_REQUEST_HEADERS = {
+    # promhttp negotiates: ask for the classic text format, not OpenMetrics or protobuf.
+    "Accept": "text/plain;version=0.0.4;q=1.0, */*;q=0.1",
+    "User-Agent": "rackscope-agent",
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class _GpuLines:
+    """Everything one scrape said about one physical GPU."""
+
+    index: int
+    uuid: str | None = None
+    model: str | None = None
+    pci_bus_id: str | None = None
+    whole: dict[str, float] = field(default_factory=dict)  # lines without a MIG instance
+    by_instance: dict[str, dict[str, float]] = field(default_factory=dict)  # field -> GPU_I_ID -> value
+    instances: dict[str, str] = field(default_factory=dict)  # GPU_I_ID -> GPU_I_PROFILE
+
+    @property
+    def mig(self) -> bool:
+        return bool(self.instances)
+
+    def device_value(self, name: str) -> float | None:
+        """A device-wide field: one value per physical GPU (MIG repeats it on every instance)."""
+        if name in self.whole:
+            return self.whole[name]
+        per_instance = self.by_instance.get(name)
+        if not per_instance:
+            return None
+        return per_instance[min(per_instance, key=_instance_order)]
+
+    def partitioned_sum(self, name: str) -> float | None:
+        """A per-instance field (framebuffer): the whole-GPU line, else the sum over all instances."""
+        if name in self.whole:
+            return self.whole[name]
+        per_instance = self.by_instance.get(name)
+        if not per_instance or per_instance.keys() != self.instances.keys():
+            return None  # a partial sum would understate the GPU
+        return sum(per_instance.values())
+
+
+def _instance_order(instance_id: str) -> tuple[int, str]:
+    return (int(instance_id), "") if instance_id.isdigit() else (1 << 31, instance_id)
+
+
+@dataclass
+class Scrape:
+    """One parsed exporter page: GPUs by index plus node-wide labels."""
+
+    gpus: dict[int, _GpuLines]
+    hostname: str | None = None
+    driver_version: str | None = None
+
+
+def _clean_value(name: str, raw: float) -> float | None:
+    value = float(raw)
+    if math.isnan(value) or math.isinf(value):
+        return None
+    if name in _DOUBLE_FIELDS:
+        return None if value >= _FP64_BLANK else value
+    return None if raw >= _INT64_BLANK else value
+
+
+def parse_exposition(text: str) -> Scrape:
+    """Group the ``DCGM_FI_*`` lines of an exporter page by GPU. Raises ``ValueError`` on text that
+    is not the Prometheus exposition format."""
+    gpus: dict[int, _GpuLines] = {}
+    scrape = Scrape(gpus)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            # The parser renames samples of ``counter`` families to ``<family>_total``.
+            name = sample.name if sample.name in FIELDS else family.name
+            if not name.startswith("DCGM_FI_"):
+                continue
+            labels = sample.labels
+            if _NON_GPU_LABELS & labels.keys():
+                continue
+            gpu_label = labels.get("gpu", "")
+            if not gpu_label.isdigit():
+                continue
+            index = int(gpu_label)
+            gpu = gpus.get(index)
+            if gpu is None:
+                gpu = gpus[index] = _GpuLines(index)
+            gpu.uuid = gpu.uuid or labels.get("UUID") or labels.get("uuid") or None
+            gpu.model = gpu.model or labels.get("modelName") or None
+            gpu.pci_bus_id = gpu.pci_bus_id or labels.get("pci_bus_id") or None
+            # ``Hostname`` until 2026, ``hostname`` since.
+            scrape.hostname = scrape.hostname or labels.get("hostname") or labels.get("Hostname") or None
+            scrape.driver_version = scrape.driver_version or labels.get("DCGM_FI_DRIVER_VERSION") or None
+            instance = labels.get("GPU_I_ID") or None  # some versions send GPU_I_ID="" on whole GPUs
+            if instance is not None:
+                gpu.instances.setdefault(instance, labels.get("GPU_I_PROFILE", ""))
+            if name not in FIELDS:
+                continue  # a DCGM field we do not map still tells us the GPU exists
+            value = _clean_value(name, sample.value)
+            if value is None:
+                continue
+            # setdefault: a GPU shared by several pods repeats the same value once per pod.
+            if instance is None:
+                gpu.whole.setdefault(name, value)
+            else:
+                gpu.by_instance.setdefault(name, {}).setdefault(instance, value)
+    return scrape
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class _HttpScraper:
+    """One keep-alive HTTP connection to the exporter; every failure becomes ``SourceError``."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+            raise ConfigError(f"--dcgm-url must be an http:// or https:// URL such as {DEFAULT_URL}, not {url!r}")
+        self.url = url
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = port
+        path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
+        self._target = f"{path}?{parts.query}" if parts.query else path
+        self._timeout_s = timeout_s
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._https:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout_s)
+        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout_s)
+
+    def get(self) -> str:
+        with self._lock:
+            for attempt in range(2):
+                reused = self._conn is not None
+                conn = self._conn or self._connect()
+                self._conn = None
+                try:
+                    conn.request("GET", self._target, headers=_REQUEST_HEADERS)
+                    response = conn.getresponse()
+                    body = response.read(MAX_BODY_BYTES + 1)
+                except TimeoutError as exc:
+                    conn.close()
+                    raise SourceError(
+                        f"dcgm-exporter at {self.url} did not answer within {self._timeout_s:g} s"
+                    ) from exc
+                except (OSError, http.client.HTTPException) as exc:
+                    conn.close()
+                    if reused and attempt == 0:
+                        continue  # the exporter dropped our idle keep-alive connection: one fresh try
+                    raise SourceError(
+                        f"cannot reach dcgm-exporter at {self.url}: {str(exc) or type(exc).__name__}"
+                    ) from exc
+                if len(body) > MAX_BODY_BYTES or response.will_close or not response.isclosed():
+                    conn.close()
+                else:
+                    self._conn = conn
+                if len(body) > MAX_BODY_BYTES:
+                    raise SourceError(f"{self.url} sent more than {MAX_BODY_BYTES // MIB} MiB")
+                if response.status != 200:
+                    raise SourceError(f"dcgm-exporter at {self.url} answered HTTP {response.status} {response.reason}")
+                if (response.getheader("Content-Encoding") or "").lower() == "gzip":
+                    try:
+                        body = gzip.decompress(body)
+                    except (OSError, EOFError) as exc:
+                        raise SourceError(f"{self.url} sent a corrupt gzip body: {exc}") from exc
+                return body.decode("utf-8", errors="replace")
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+# --------------------------------------------------------------------------- per-GPU state
+
+
+class _Integral:
+    """Integrates a rate (B/s, W) over time with the trapezoidal rule into a running total."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._rate: float | None = None
+        self._t: float | None = None
+        self._kind = ""
+
+    def add(self, rate: float | None, now_s: float, kind: str = "") -> float | None:
+        if rate is None:
+            return None
+        rate = max(rate, 0.0)
+        if self._rate is not None and self._t is not None and kind == self._kind:
+            dt_s = now_s - self._t
+            if dt_s > 0:
+                self.total += (self._rate + rate) / 2.0 * dt_s
+        # A switch of source field (profiling <-> legacy) starts afresh instead of mixing the two.
+        self._kind = kind
+        self._rate = rate
+        self._t = now_s
+        return self.total
+
+
+class _CounterDelta:
+    """Growth of a hardware counter since the first reading; a drop means the driver reloaded."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._last: float | None = None
+
+    def add(self, value: float | None) -> float | None:
+        if value is None:
+            return None
+        if self._last is not None:
+            delta = value - self._last
+            self.total += delta if delta >= 0 else value
+        self._last = value
+        return self.total
+
+
+class _XidTracker:
+    """dcgm-exporter shows only the last XID; a change to a new non-zero value is one more event.
+    (The same XID twice in a row cannot be told apart from no new XID.)"""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._last: int | None = None
+
+    def add(self, value: float | None) -> tuple[int | None, int | None]:
+        if value is None:
+            return None, None
+        xid = int(value)
+        if self._last is not None and xid not in (self._last, 0):
+            self.count += 1
+        self._last = xid
+        return self.count, xid
+
+
+def _as_int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+class _GpuState:
+    """What one GPU's samples need to remember between scrapes."""
+
+    def __init__(self, lines: _GpuLines, once: OnceLogger) -> None:
+        self.index = lines.index
+        self.uuid = lines.uuid or lines.pci_bus_id or f"dcgm-gpu-{lines.index}"
+        self._once = once
+        self.energy_method = "counter" if lines.device_value(ENERGY) is not None else "integrated"
+        if self.energy_method == "integrated":
+            once.warn(
+                ("energy", self.index),
+                "GPU %d: dcgm-exporter sends no %s; integrating power instead",
+                self.index,
+                ENERGY,
+            )
+        self._energy_counter = _CounterDelta()
+        self._energy_integral = _Integral()
+        self._nvlink_tx = _Integral()
+        self._nvlink_rx = _Integral()
+        self._pcie_tx = _Integral()
+        self._pcie_rx = _Integral()
+        self._xid = _XidTracker()
+
+    def info(self, lines: _GpuLines) -> GpuInfo:
+        memory_total_bytes, _ = self._memory(lines)
+        return GpuInfo(
+            index=self.index,
+            uuid=self.uuid,
+            model=lines.model or "unknown",
+            memory_total_bytes=memory_total_bytes,
+            power_limit_w=self._power_limit(lines),
+            simulated=False,
+        )
+
+    def update(self, lines: _GpuLines, now_s: float, wall_s: float) -> GpuSample:
+        power_w = lines.device_value(POWER)
+        if self.energy_method == "counter":
+            energy_mj = self._energy_counter.add(lines.device_value(ENERGY))
+            energy_j = None if energy_mj is None else energy_mj / 1000.0
+        else:
+            energy_j = self._energy_integral.add(power_w, now_s)
+        memory_total_bytes, memory_used_bytes = self._memory(lines)
+        nvlink_tx, nvlink_rx = self._links(lines, now_s)
+        pcie_tx, pcie_rx = self._pcie(lines, now_s)
+        xid_errors, last_xid = self._xid.add(lines.device_value(XID))
+        throttle = lines.device_value(CLOCKS_EVENT_REASONS)
+        if throttle is None:
+            throttle = lines.device_value(CLOCK_THROTTLE_REASONS)
+        return GpuSample(
+            index=self.index,
+            timestamp_s=wall_s,
+            power_w=power_w,
+            energy_j=energy_j,
+            energy_method=self.energy_method,
+            power_limit_w=self._power_limit(lines),
+            memory_used_bytes=memory_used_bytes,
+            memory_total_bytes=memory_total_bytes,
+            utilization=self._utilization(lines),
+            sm_clock_mhz=lines.device_value(SM_CLOCK),
+            temperature_c=lines.device_value(GPU_TEMP),
+            throttle_reasons=_as_int(throttle),
+            nvlink_tx_bytes=_as_int(nvlink_tx),
+            nvlink_rx_bytes=_as_int(nvlink_rx),
+            pcie_tx_bytes=_as_int(pcie_tx),
+            pcie_rx_bytes=_as_int(pcie_rx),
+            xid_errors=xid_errors,
+            last_xid=last_xid,
+            ecc_corrected=_as_int(lines.device_value(ECC_SBE)),
+            ecc_uncorrected=_as_int(lines.device_value(ECC_DBE)),
+        )
+
+    @staticmethod
+    def _power_limit(lines: _GpuLines) -> float | None:
+        limit = lines.device_value(POWER_LIMIT_ENFORCED)
+        return limit if limit is not None else lines.device_value(POWER_LIMIT)
+
+    @staticmethod
+    def _memory(lines: _GpuLines) -> tuple[int | None, int | None]:
+        """(total, used) in bytes."""
+        used_mib = lines.partitioned_sum(FB_USED)
+        total_mib = lines.partitioned_sum(FB_TOTAL)
+        if total_mib is None:
+            free_mib = lines.partitioned_sum(FB_FREE)
+            # Exporters before FB_RESERVED existed counted the reserved memory as used.
+            reserved_mib = lines.partitioned_sum(FB_RESERVED) or 0.0
+            if used_mib is not None and free_mib is not None:
+                total_mib = used_mib + free_mib + reserved_mib
+        return (
+            None if total_mib is None else int(total_mib * MIB),
+            None if used_mib is None else int(used_mib * MIB),
+        )
+
+    def _utilization(self, lines: _GpuLines) -> float | None:
+        if lines.mig and GPU_UTIL not in lines.whole:
+            self._once.warn(
+                ("util-mig", self.index),
+                "GPU %d is in MIG mode: DCGM does not report %s for MIG instances",
+                self.index,
+                GPU_UTIL,
+            )
+            return None
+        percent = lines.whole.get(GPU_UTIL)
+        if percent is None:
+            return None
+        if not 0.0 <= percent <= 100.0:
+            self._once.warn(
+                ("util-range", self.index), "GPU %d: ignoring %s=%s (out of 0-100)", self.index, GPU_UTIL, percent
+            )
+            return None
+        return percent / 100.0
+
+    def _links(self, lines: _GpuLines, now_s: float) -> tuple[float | None, float | None]:
+        tx_bps = lines.device_value(NVLINK_TX)
+        rx_bps = lines.device_value(NVLINK_RX)
+        if tx_bps is not None or rx_bps is not None:
+            return self._nvlink_tx.add(tx_bps, now_s, "prof"), self._nvlink_rx.add(rx_bps, now_s, "prof")
+        total_mbps = lines.device_value(NVLINK_TOTAL)
+        if total_mbps is None:
+            return None, None
+        self._once.warn(
+            ("nvlink-split", self.index),
+            "GPU %d: no %s/%s; splitting %s evenly between tx and rx",
+            self.index,
+            NVLINK_TX,
+            NVLINK_RX,
+            NVLINK_TOTAL,
+        )
+        half_bps = total_mbps * MB / 2.0
+        return self._nvlink_tx.add(half_bps, now_s, "total"), self._nvlink_rx.add(half_bps, now_s, "total")
+
+    def _pcie(self, lines: _GpuLines, now_s: float) -> tuple[float | None, float | None]:
+        tx_bps = lines.device_value(PCIE_TX)
+        rx_bps = lines.device_value(PCIE_RX)
+        if tx_bps is not None or rx_bps is not None:
+            return self._pcie_tx.add(tx_bps, now_s, "prof"), self._pcie_rx.add(rx_bps, now_s, "prof")
+        tx_kbps = lines.device_value(PCIE_TX_LEGACY)
+        rx_kbps = lines.device_value(PCIE_RX_LEGACY)
+        return (
+            self._pcie_tx.add(None if tx_kbps is None else tx_kbps * KB, now_s, "legacy"),
+            self._pcie_rx.add(None if rx_kbps is None else rx_kbps * KB, now_s, "legacy"),
+        )
+
+
+# --------------------------------------------------------------------------- the source
+
+
+class DcgmSource:
+    """``GpuSource`` reading a dcgm-exporter endpoint.
+
+    ``clock`` is monotonic time used to integrate rates: a ``rackscope.clock.Clock`` or a
+    ``time.monotonic``-like callable. ``wall_clock`` stamps the samples.
+    """
+
+    name = "dcgm"
+    simulated = False
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout_s: float = 2.0,
+        clock: Clock | Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ConfigError(f"the dcgm-exporter timeout must be positive, not {timeout_s}")
+        self.url = url
+        self._http = _HttpScraper(url, timeout_s)
+        if clock is None:
+            self._now: Callable[[], float] = time.monotonic
+        elif callable(clock):
+            self._now = clock
+        else:
+            self._now = clock.now
+        self._wall = wall_clock
+        self._lock = threading.Lock()
+        self._once = OnceLogger(log)
+        self._gpus: dict[int, _GpuState] = {}
+        self._opened = False
+        self._outage: str | None = None
+        # Node facts from the exporter's labels, for run records (None until open).
+        self.hostname: str | None = None
+        self.driver_version: str | None = None
+        self.mig_profiles: dict[int, dict[str, str]] = {}  # GPU index -> GPU_I_ID -> GPU_I_PROFILE
+
+    def _scrape(self) -> tuple[Scrape, float]:
+        text = self._http.get()
+        now_s = self._now()
+        try:
+            return parse_exposition(text), now_s
+        except ValueError as exc:
+            raise SourceError(f"{self.url} did not answer in the Prometheus text format: {exc}") from exc
+
+    def is_available(self) -> bool:
+        """Whether a dcgm-exporter with at least one GPU answers at ``url`` (one scrape, no state)."""
+        try:
+            scrape, _ = self._scrape()
+        except SourceError as exc:
+            log.debug("dcgm-exporter probe failed: %s", exc)
+            return False
+        return bool(scrape.gpus)
+
+    def open(self) -> list[GpuInfo]:
+        with self._lock:
+            try:
+                scrape, now_s = self._scrape()
+            except SourceError as exc:
+                raise SourceUnavailable(str(exc), hint=HINT) from exc
+            if not scrape.gpus:
+                raise SourceUnavailable(
+                    f"{self.url} answered but sent no DCGM_FI_ series with a gpu label: is it a dcgm-exporter?",
+                    hint=HINT,
+                )
+            self._gpus = {}
+            infos = []
+            wall_s = self._wall()
+            for index in sorted(scrape.gpus):
+                lines = scrape.gpus[index]
+                state = _GpuState(lines, self._once)
+                state.update(lines, now_s, wall_s)  # first readings: counters and integrals start here
+                self._gpus[index] = state
+                infos.append(state.info(lines))
+            self.hostname = scrape.hostname
+            self.driver_version = scrape.driver_version
+            self.mig_profiles = {i: dict(g.instances) for i, g in scrape.gpus.items() if g.mig}
+            self._opened = True
+            self._outage = None
+            log.info("dcgm-exporter at %s: %d GPU(s) on %s", self.url, len(infos), self.hostname or "unknown host")
+            return infos
+
+    def sample(self) -> list[GpuSample]:
+        with self._lock:
+            if not self._opened:
+                raise SourceError("DcgmSource.sample() called before open() or after close()")
+            wall_s = self._wall()
+            try:
+                scrape, now_s = self._scrape()
+            except SourceError as exc:
+                if self._outage is None:
+                    log.warning("%s; marking every GPU's sample as failed until it answers", exc)
+                self._outage = str(exc)
+                return [GpuSample(index=i, timestamp_s=wall_s, ok=False, error=str(exc)) for i in self._gpus]
+            if self._outage is not None:
+                log.info("dcgm-exporter at %s answers again", self.url)
+                self._outage = None
+            samples = []
+            for index, state in self._gpus.items():
+                lines = scrape.gpus.get(index)
+                if lines is None:
+                    error = f"GPU {index} ({state.uuid}) is missing from the dcgm-exporter page at {self.url}"
+                    self._once.warn(("missing", index), "%s", error)
+                    samples.append(GpuSample(index=index, timestamp_s=wall_s, ok=False, error=error))
+                    continue
+                samples.append(state.update(lines, now_s, wall_s))
+            for index in scrape.gpus.keys() - self._gpus.keys():
+                self._once.warn(("new", index), "GPU %d appeared after start; it is ignored until restart", index)
+            return samples
+
+    def close(self) -> None:
+        with self._lock:
+            self._opened = False
+            self._http.close()
