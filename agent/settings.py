@@ -61,9 +61,11 @@ class AgentSettings:
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "node")
     interval_s: float = 1.0
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9464  # 0 disables the endpoint
+    metrics_port: int = 9464  # 0: any free port
+    metrics_enabled: bool = True
     api_host: str = "127.0.0.1"
-    api_port: int = 9470  # 0 disables the API
+    api_port: int = 9470  # 0: any free port
+    api_enabled: bool = True
     api_token: str | None = None
     dcgm_url: str = "http://localhost:9400/metrics"
     otlp_endpoint: str | None = None  # None: no OTLP export
@@ -92,7 +94,7 @@ class AgentSettings:
             raise ConfigError("--api-port and --metrics-port must differ")
         if not self.rack or not self.node:
             raise ConfigError("--rack and --node must not be empty")
-        if self.api_port and not is_loopback(self.api_host) and not self.api_token:
+        if self.api_enabled and not is_loopback(self.api_host) and not self.api_token:
             raise ConfigError(
                 f"refusing to serve the control API on {self.api_host} without a token: "
                 "pass --api-token (or set RACKSCOPE_API_TOKEN), or bind 127.0.0.1"
@@ -116,9 +118,7 @@ def _convert(name: str, raw: str, kind: Callable[[str], T]) -> T:
         raise ConfigError(f"bad value {raw!r} for {name}") from None
 
 
-def resolve(
-    args: Mapping[str, Any], env: Mapping[str, str], base: AgentSettings | None = None
-) -> AgentSettings:
+def resolve(args: Mapping[str, Any], env: Mapping[str, str], base: AgentSettings | None = None) -> AgentSettings:
     """Settings from parsed arguments (None means "not given") and an environment."""
     base = base or AgentSettings()
     values: dict[str, Any] = {}
@@ -136,5 +136,8 @@ def resolve(
                 value = _convert(var, env[var], kind)
                 values[name] = value / 1000.0 if name in _OTEL_MILLISECONDS else value
                 break
+    for name, value in args.items():  # settings that only flags set (no environment variable)
+        if name not in ENV_VARS and name in base.__dataclass_fields__ and value is not None:
+            values[name] = value
     merged = {**{f: getattr(base, f) for f in base.__dataclass_fields__}, **values}
     return AgentSettings(**merged).validate()

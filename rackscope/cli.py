@@ -20,6 +20,10 @@ from rackscope.errors import ConfigError, RackscopeError
 # One module per subcommand; each exposes register(subparsers).
 COMMAND_MODULES = [
     "agent.commands",  # agent
+    "dashboards.commands",  # dashboards build|check|push
+    "runner.run_command",  # run, compare
+    "agent.rack_commands",  # rack run, demo
+    "runner.report",  # report
 ]
 
 

@@ -52,17 +52,48 @@ class MetricDef:
 
 # Semantic-convention bucket boundaries (GenAI metrics), in seconds.
 OPERATION_DURATION_BUCKETS_S = (
-    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
 )
 TTFT_BUCKETS_S = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
 )
 TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 # --- GPU hardware (agent) ---------------------------------------------------------------
 HW_POWER = MetricDef("hw.power", Kind.GAUGE, "W", "GPU power draw", GPU_ATTRS)
 HW_ENERGY = MetricDef(
-    "hw.energy", Kind.COUNTER, "J", "GPU energy since the agent started sampling",
+    "hw.energy",
+    Kind.COUNTER,
+    "J",
+    "GPU energy since the agent started sampling",
     (*GPU_ATTRS, "rackscope.energy.method"),
 )
 HW_GPU_MEMORY_USAGE = MetricDef("hw.gpu.memory.usage", Kind.UPDOWNCOUNTER, "By", "GPU memory used", GPU_ATTRS)
@@ -71,24 +102,32 @@ HW_GPU_UTILIZATION = MetricDef(
     "hw.gpu.utilization", Kind.GAUGE, "1", "Fraction of time a kernel was running", GPU_ATTRS
 )
 HW_GPU_IO = MetricDef(
-    "hw.gpu.io", Kind.COUNTER, "By", "Bytes moved over a GPU link",
+    "hw.gpu.io",
+    Kind.COUNTER,
+    "By",
+    "Bytes moved over a GPU link",
     (*GPU_ATTRS, "network.io.direction", "link"),
 )
 HW_TEMPERATURE = MetricDef("hw.temperature", Kind.GAUGE, "Cel", "GPU core temperature", GPU_ATTRS)
 HW_ERRORS = MetricDef("hw.errors", Kind.COUNTER, "{error}", "GPU errors by type", (*GPU_ATTRS, "error.type"))
-GPU_POWER_LIMIT = MetricDef(
-    "rackscope.gpu.power.limit", Kind.GAUGE, "W", "Enforced GPU power limit", GPU_ATTRS
-)
-GPU_SM_CLOCK = MetricDef("rackscope.gpu.clock.sm", Kind.GAUGE, "MHz", "SM clock", GPU_ATTRS)
+GPU_POWER_LIMIT = MetricDef("rackscope.gpu.power.limit", Kind.GAUGE, "W", "Enforced GPU power limit", GPU_ATTRS)
+# Hz, not MHz: the collector's translator has no word for "MHz" and would name it "..._MHz".
+GPU_SM_CLOCK = MetricDef("rackscope.gpu.clock.sm", Kind.GAUGE, "Hz", "SM clock", GPU_ATTRS)
 GPU_THROTTLE = MetricDef(
-    "rackscope.gpu.throttle", Kind.GAUGE, "", "1 while a clock-event (throttle) reason is active",
+    "rackscope.gpu.throttle",
+    Kind.GAUGE,
+    "",
+    "1 while a clock-event (throttle) reason is active",
     (*GPU_ATTRS, "reason"),
 )
 GPU_UP = MetricDef("rackscope.gpu.up", Kind.GAUGE, "", "1 when the GPU answered the last sample", GPU_ATTRS)
 
 # --- agent health and identity -----------------------------------------------------------
 NODE_INFO = MetricDef(
-    "rackscope.node.info", Kind.GAUGE, "", "Node identity; simulated=\"true\" for simulated hardware",
+    "rackscope.node.info",
+    Kind.GAUGE,
+    "",
+    'Node identity; simulated="true" for simulated hardware',
     (*IDENTITY, "source", "simulated", "gpu_model", "gpus", "version"),
 )
 COLLECTION_DURATION = MetricDef(
@@ -98,17 +137,26 @@ COLLECTION_ERRORS = MetricDef(
     "rackscope.agent.collection.errors", Kind.COUNTER, "{error}", "GPU samples that failed", IDENTITY
 )
 EXPORT_FAILURES = MetricDef(
-    "rackscope.agent.export.failures", Kind.COUNTER, "{failure}", "OTLP exports that failed",
+    "rackscope.agent.export.failures",
+    Kind.COUNTER,
+    "{failure}",
+    "OTLP exports that failed",
     (*IDENTITY, "exporter"),
 )
 
 # --- workload (runner, recorded through the OpenTelemetry API) ----------------------------
 TOKENS = MetricDef(
-    "rackscope.tokens", Kind.COUNTER, "{token}", "Tokens processed",
+    "rackscope.tokens",
+    Kind.COUNTER,
+    "{token}",
+    "Tokens processed",
     (*WORKLOAD_ATTRS, "gen_ai.token.type"),
 )
 REQUESTS = MetricDef(
-    "rackscope.requests", Kind.COUNTER, "{request}", "Requests finished, by outcome",
+    "rackscope.requests",
+    Kind.COUNTER,
+    "{request}",
+    "Requests finished, by outcome",
     (*WORKLOAD_ATTRS, "outcome"),
 )
 OPERATION_DURATION = MetricDef(
@@ -118,17 +166,33 @@ TIME_TO_FIRST_TOKEN = MetricDef(
     "gen_ai.server.time_to_first_token", Kind.HISTOGRAM, "s", "Time to first token", WORKLOAD_ATTRS
 )
 TIME_PER_OUTPUT_TOKEN = MetricDef(
-    "gen_ai.server.time_per_output_token", Kind.HISTOGRAM, "s", "Time per output token after the first",
+    "gen_ai.server.time_per_output_token",
+    Kind.HISTOGRAM,
+    "s",
+    "Time per output token after the first",
     WORKLOAD_ATTRS,
 )
 RUN_INFO = MetricDef(
-    "rackscope.run.info", Kind.GAUGE, "", "1 while a run is active; identifies it",
+    "rackscope.run.info",
+    Kind.GAUGE,
+    "",
+    "1 while a run is active; identifies it",
     (*IDENTITY, "run_id", "scenario", "model", "engine"),
 )
 
 GPU_METRICS = (
-    HW_POWER, HW_ENERGY, HW_GPU_MEMORY_USAGE, HW_GPU_MEMORY_LIMIT, HW_GPU_UTILIZATION, HW_GPU_IO,
-    HW_TEMPERATURE, HW_ERRORS, GPU_POWER_LIMIT, GPU_SM_CLOCK, GPU_THROTTLE, GPU_UP,
+    HW_POWER,
+    HW_ENERGY,
+    HW_GPU_MEMORY_USAGE,
+    HW_GPU_MEMORY_LIMIT,
+    HW_GPU_UTILIZATION,
+    HW_GPU_IO,
+    HW_TEMPERATURE,
+    HW_ERRORS,
+    GPU_POWER_LIMIT,
+    GPU_SM_CLOCK,
+    GPU_THROTTLE,
+    GPU_UP,
 )
 AGENT_METRICS = (NODE_INFO, COLLECTION_DURATION, COLLECTION_ERRORS, EXPORT_FAILURES)
 WORKLOAD_METRICS = (TOKENS, REQUESTS, OPERATION_DURATION, TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN, RUN_INFO)
@@ -139,11 +203,28 @@ ALL_METRICS = GPU_METRICS + AGENT_METRICS + WORKLOAD_METRICS
 # dots to underscores, a unit suffix, "_total" on monotonic counters, "{...}" annotations
 # dropped, "1" -> "_ratio" on gauges.
 _UNIT_WORDS = {
-    "d": "days", "h": "hours", "min": "minutes", "s": "seconds", "ms": "milliseconds",
-    "us": "microseconds", "ns": "nanoseconds", "By": "bytes", "KiBy": "kibibytes",
-    "MiBy": "mebibytes", "GiBy": "gibibytes", "KBy": "kilobytes", "MBy": "megabytes",
-    "GBy": "gigabytes", "m": "meters", "V": "volts", "A": "amperes", "J": "joules",
-    "W": "watts", "g": "grams", "Cel": "celsius", "Hz": "hertz", "MHz": "megahertz",
+    "d": "days",
+    "h": "hours",
+    "min": "minutes",
+    "s": "seconds",
+    "ms": "milliseconds",
+    "us": "microseconds",
+    "ns": "nanoseconds",
+    "By": "bytes",
+    "KiBy": "kibibytes",
+    "MiBy": "mebibytes",
+    "GiBy": "gibibytes",
+    "KBy": "kilobytes",
+    "MBy": "megabytes",
+    "GBy": "gigabytes",
+    "m": "meters",
+    "V": "volts",
+    "A": "amperes",
+    "J": "joules",
+    "W": "watts",
+    "g": "grams",
+    "Cel": "celsius",
+    "Hz": "hertz",
     "%": "percent",
 }
 _INVALID = re.compile(r"[^a-zA-Z0-9_]+")

@@ -8,7 +8,8 @@
     ├── EngineError                 an engine failed while running
     ├── RunError                    a run could not be carried out
     │   └── RunConflict             another run already holds this agent
-    └── ResultError                 a result file is missing or malformed
+    ├── ResultError                 a result file is missing or malformed
+    └── GrafanaError                Grafana unreachable or refused a request (dashboards push)
 
 Third-party errors are translated at the edge with ``raise X(...) from exc`` so callers see
 only these types.
@@ -55,3 +56,7 @@ class RunConflict(RunError):
 
 class ResultError(RackscopeError):
     """A result or report file is missing or malformed."""
+
+
+class GrafanaError(RackscopeError):
+    """Grafana was unreachable or refused a request (``rackscope dashboards push``)."""
