@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "runner.run_command",  # run, compare
     "agent.rack_commands",  # rack run, demo
     "runner.report",  # report
+    "runner.serve_sim",  # serve-sim
 ]
 
 

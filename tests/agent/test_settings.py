@@ -15,7 +15,10 @@ BASE = AgentSettings(node="n01")
         ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, "otlp_endpoint", "http://c:4318"),
         (
             {},
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://generic:4318", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m:4318/v1/metrics"},
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://generic:4318",
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m:4318/v1/metrics",
+            },
             "otlp_endpoint",
             "http://m:4318/v1/metrics",
         ),

@@ -32,7 +32,7 @@ def test_public_names_are_exactly_the_contract(otel: str, prom: str) -> None:
         ("a.b", "", Kind.GAUGE, "a_b"),
         ("a.b", "s", Kind.HISTOGRAM, "a_b_seconds"),
         ("a.b_seconds", "s", Kind.GAUGE, "a_b_seconds"),
-        ("x", "MHz", Kind.GAUGE, "x_megahertz"),
+        ("x", "MHz", Kind.GAUGE, "x_MHz"),
     ],
 )
 def test_translation_rules(name: str, unit: str, kind: Kind, expected: str) -> None:
