@@ -1,0 +1,346 @@
+"""Benchmark: client CPU per streamed token and timestamp accuracy of the ``openai`` engine.
+
+Starts its own streaming server (``_server.py``) in a separate process whose timing is
+controlled to microseconds, and in one run measures, at concurrency 1, 64 and 256:
+
+- client CPU per streamed token (the client process's CPU time / tokens) and achieved
+  tokens/s, for rackscope (``run_workers`` with one worker: the real code path) and for a
+  plain aiohttp + orjson client (the baseline, printed as a ratio);
+- the error of the client's TTFT and ITL against what the server really did (the server
+  logs when each request arrived and when each token left, on the same
+  ``CLOCK_MONOTONIC`` clock), mean and p99 of the absolute error in ms, the first 256
+  requests of the 256 phase starting at once;
+- rackscope with 2 worker processes at the same rate, and 1 vs 2 workers at a rate the
+  server cannot reach (saturation).
+
+The server holds its total at ``--rate`` tokens/s by setting each stream's inter-token
+gap to ``concurrency / rate``. Server and client are pinned to different cores when there
+are at least 2. Timings on a shared machine are noisy: compare the ratios, not the absolute
+figures.
+
+    python benchmarks/loadgen.py            # about a minute
+    python benchmarks/loadgen.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _server
+import orjson
+
+from runner.engines.base import Request
+from runner.engines.openai import OpenAIEngine
+from runner.records import RequestRecord
+from runner.workers import run_workers
+
+MODEL = "bench-model"
+
+
+# -- the baseline client: plain aiohttp + orjson, the way load generators usually read SSE --
+
+
+async def _aiohttp_run(base_url: str, requests: list[Request], concurrency: int) -> tuple[list[RequestRecord], float]:
+    import aiohttp
+
+    url = base_url + "/v1/completions"
+    records: list[RequestRecord] = []
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(req: Request) -> RequestRecord:
+            payload: dict[str, Any] = {
+                "model": MODEL,
+                "prompt": req.prompt,
+                "max_tokens": req.max_output_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "ignore_eos": True,
+                **req.extra,
+            }
+            rec = RequestRecord(req.request_id, start_s=time.perf_counter(), itl_s=[])
+            last = 0.0
+            async with session.post(url, json=payload, headers={"X-Request-Id": req.request_id}) as resp:
+                async for raw in resp.content:
+                    ts = time.perf_counter()
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        continue
+                    obj = orjson.loads(data)
+                    if obj.get("choices"):
+                        if rec.first_token_s is None:
+                            rec.first_token_s = ts
+                        else:
+                            assert rec.itl_s is not None
+                            rec.itl_s.append(ts - last)
+                        last = ts
+                    if obj.get("usage"):
+                        rec.output_tokens = obj["usage"]["completion_tokens"]
+                        rec.output_tokens_method = "usage"
+            rec.end_s = time.perf_counter()
+            rec.ok = resp.status == 200
+            return rec
+
+        async def worker(queue: list[Request]) -> None:
+            while queue:
+                records.append(await one(queue.pop()))
+
+        # Warm the pool like run_workers does, so neither client pays for connects.
+        warm = [Request(f"warm{i}", prompt="w", max_output_tokens=1) for i in range(concurrency)]
+        await asyncio.gather(*(one(r) for r in warm))
+        queue = requests[::-1]
+        cpu0 = time.process_time()
+        await asyncio.gather(*(worker(queue) for _ in range(concurrency)))
+        cpu_s = time.process_time() - cpu0
+    return records, cpu_s
+
+
+def _aiohttp_main(conn: Connection, base_url: str, requests: list[Request], concurrency: int, cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    records, cpu_s = asyncio.run(_aiohttp_run(base_url, requests, concurrency))
+    conn.send((records, cpu_s))
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    label: str
+    client: str
+    tokens: int
+    wall_s: float
+    cpu_s: float
+    ttft_err_ms: list[float]
+    itl_err_ms: list[float]
+    lag_ms: list[float]
+    burst_ttft_err_ms: list[float]
+    server_late_ms: list[float]
+    bad: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def cpu_us_per_token(self) -> float:
+        return self.cpu_s / self.tokens * 1e6 if self.tokens else math.nan
+
+
+def _p99(values: list[float]) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def _mean_abs(values: list[float]) -> float:
+    return statistics.fmean(abs(v) for v in values) if values else math.nan
+
+
+def _compare(
+    records: list[RequestRecord],
+    server: dict[str, tuple[float, list[float]]],
+    burst: int,
+    ttft_ms: float,
+    itl_ms: float,
+) -> tuple[list[float], list[float], list[float], list[float], list[float], int]:
+    """Client timestamps against the server's log: TTFT error, ITL error, per-token lag, and
+    how late the server itself was against its schedule."""
+    ttft: list[float] = []
+    itl: list[float] = []
+    lag: list[float] = []
+    burst_ttft: list[float] = []
+    late: list[float] = []
+    bad = 0
+    first_starts = sorted(records, key=lambda r: r.start_s)[:burst]
+    burst_ids = {r.request_id for r in first_starts}
+    for rec in records:
+        entry = server.get(rec.request_id)
+        if not rec.ok or entry is None or rec.first_token_s is None or rec.itl_s is None:
+            bad += 1
+            continue
+        recv_s, sends = entry
+        arrivals = [rec.first_token_s]
+        for gap in rec.itl_s:
+            arrivals.append(arrivals[-1] + gap)
+        if len(arrivals) != len(sends):
+            bad += 1
+            continue
+        err = ((rec.first_token_s - rec.start_s) - (sends[0] - recv_s)) * 1e3
+        ttft.append(err)
+        if rec.request_id in burst_ids:
+            burst_ttft.append(err)
+        for k in range(1, len(sends)):
+            itl.append(((arrivals[k] - arrivals[k - 1]) - (sends[k] - sends[k - 1])) * 1e3)
+        lag.extend((a - s) * 1e3 for a, s in zip(arrivals, sends, strict=True))
+        late.extend((s - recv_s) * 1e3 - ttft_ms - k * itl_ms for k, s in enumerate(sends))
+    return ttft, itl, lag, burst_ttft, late, bad
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.ctx = mp.get_context("spawn")
+        cores = sorted(os.sched_getaffinity(0))
+        self.server_cpu = cores[-1] if len(cores) >= 2 else None
+        self.client_cpus = [c for c in cores if c != self.server_cpu] or cores
+        self.ctrl, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(
+            target=_server.serve, args=(child, MODEL, args.ttft_ms / 1e3, 0.0, self.server_cpu), daemon=True
+        )
+        self.proc.start()
+        self.port = int(self.ctrl.recv())
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> float:
+        self.ctrl.send("stop")
+        server_cpu_s: float = self.ctrl.recv()
+        self.proc.join(timeout=5)
+        return server_cpu_s
+
+    def server_log(self) -> dict[str, tuple[float, list[float]]]:
+        self.ctrl.send("stats")
+        log: dict[str, tuple[float, list[float]]] = self.ctrl.recv()
+        return log
+
+    def requests(self, tag: str, concurrency: int, itl_ms: float, n: int) -> list[Request]:
+        extra = {"itl_ms": itl_ms, "ttft_ms": self.args.ttft_ms}
+        return [
+            Request(f"{tag}-{i}", prompt="benchmark prompt", max_output_tokens=self.args.tokens, extra=extra)
+            for i in range(n)
+        ]
+
+    def n_requests(self, concurrency: int) -> int:
+        """Enough for ``duration`` seconds at ``rate``, in whole waves, at least two."""
+        waves: int = math.ceil(self.args.rate * self.args.duration / self.args.tokens / concurrency)
+        return max(2, waves) * concurrency
+
+    def rackscope(self, label: str, concurrency: int, itl_ms: float, workers: int = 1) -> Result:
+        reqs = self.requests(f"rs{workers}-{label}", concurrency, itl_ms, self.n_requests(concurrency))
+        self.server_log()  # drop what earlier phases left
+        factory = partial(OpenAIEngine, self.base_url, MODEL)
+        run = run_workers(reqs, factory, workers, concurrency=concurrency, cpus=self.client_cpus)
+        log = self.server_log()
+        tokens = sum(r.output_tokens for r in run.records if r.ok)
+        wall_s = max(r.end_s or 0.0 for r in run.records) - run.start_s
+        ttft, itl, lag, burst, late, bad = _compare(run.records, log, concurrency, self.args.ttft_ms, itl_ms)
+        name = "rackscope" if workers == 1 else f"rackscope x{workers}"
+        return Result(label, name, tokens, wall_s, sum(run.cpu_s), ttft, itl, lag, burst, late, bad)
+
+    def aiohttp(self, label: str, concurrency: int, itl_ms: float) -> Result:
+        reqs = self.requests(f"aio-{label}", concurrency, itl_ms, self.n_requests(concurrency))
+        self.server_log()
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(
+            target=_aiohttp_main, args=(child, self.base_url, reqs, concurrency, self.client_cpus[0]), daemon=True
+        )
+        proc.start()
+        records, cpu_s = parent.recv()
+        proc.join(timeout=10)
+        log = self.server_log()
+        tokens = sum(r.output_tokens for r in records if r.ok)
+        wall_s = max(r.end_s or 0.0 for r in records) - min(r.start_s for r in records)
+        ttft, itl, lag, burst, late, bad = _compare(records, log, concurrency, self.args.ttft_ms, itl_ms)
+        return Result(label, "aiohttp", tokens, wall_s, cpu_s, ttft, itl, lag, burst, late, bad)
+
+
+def _row(r: Result, baseline: Result | None) -> str:
+    ratio = f"{baseline.cpu_us_per_token / r.cpu_us_per_token:5.2f}x" if baseline and r is not baseline else "    - "
+    return (
+        f"{r.label:<14} {r.client:<13} {r.tokens_per_s:>9,.0f} {r.cpu_us_per_token:>8.2f} {ratio:>9} "
+        f"{_mean_abs(r.ttft_err_ms):>7.3f} {_p99([abs(v) for v in r.ttft_err_ms]):>7.3f} "
+        f"{_mean_abs(r.itl_err_ms):>7.3f} {_p99([abs(v) for v in r.itl_err_ms]):>7.3f} "
+        f"{statistics.fmean(r.lag_ms) if r.lag_ms else math.nan:>7.3f} {_p99(r.lag_ms):>7.3f} "
+        f"{_p99(r.server_late_ms):>8.3f} {r.bad:>4}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=60000.0, help="server's total tokens/s")
+    parser.add_argument("--tokens", type=int, default=256, help="output tokens per request")
+    parser.add_argument("--ttft-ms", type=float, default=1.0, help="server's time to first token")
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per phase, about")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--quick", action="store_true", help="short phases, for a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration = 0.3
+        args.tokens = min(args.tokens, 64)
+
+    bench = Bench(args)
+    print(
+        f"server: {args.rate:,.0f} tokens/s in total, {args.tokens}-token streams, TTFT {args.ttft_ms} ms; "
+        f"server on cpu {bench.server_cpu}, client on cpu {bench.client_cpus}; {os.cpu_count()} cpus"
+    )
+    results: list[tuple[Result, Result | None]] = []
+    try:
+        for c in args.concurrency:
+            itl_ms = c / args.rate * 1e3
+            base = bench.aiohttp(f"C={c}", c, itl_ms)
+            ours = bench.rackscope(f"C={c}", c, itl_ms)
+            results += [(base, None), (ours, base)]
+        c = max(args.concurrency)
+        two = bench.rackscope(f"C={c}", c, c / args.rate * 1e3, workers=2)
+        results.append((two, None))
+        sat_itl_ms = 0.25
+        sat_one = bench.rackscope("saturate", c, sat_itl_ms, workers=1)
+        sat_two = bench.rackscope("saturate", c, sat_itl_ms, workers=2)
+    finally:
+        server_cpu_s = bench.close()
+
+    head = (
+        f"{'phase':<14} {'client':<13} {'tokens/s':>9} {'CPU us/t':>8} {'vs aiohttp':>9} "
+        f"{'TTFTerr':>7} {'p99':>7} {'ITLerr':>7} {'p99':>7} {'lag':>7} {'p99':>7} {'srv late':>8} {'bad':>4}"
+    )
+    print()
+    print("in ms: TTFTerr / ITLerr = |client - server| for TTFT and each inter-token gap (mean, p99);")
+    print("       lag = token arrival at the client - its send at the server; srv late = p99 of the server's")
+    print("       sends behind its own schedule (the errors are measured against the real sends)")
+    print(head)
+    print("-" * len(head))
+    for r, baseline in results:
+        print(_row(r, baseline))
+    print()
+    for r, _ in results:
+        if r.burst_ttft_err_ms and r.label == f"C={max(args.concurrency)}":
+            print(
+                f"{r.client:<13} first {len(r.burst_ttft_err_ms)} requests started at once: TTFT error mean "
+                f"{_mean_abs(r.burst_ttft_err_ms):.3f} ms, p99 {_p99([abs(v) for v in r.burst_ttft_err_ms]):.3f} ms, "
+                f"max {max(abs(v) for v in r.burst_ttft_err_ms):.3f} ms"
+            )
+    print()
+    print(
+        f"saturation (C={c}, server asked for {c / sat_itl_ms * 1e3:,.0f} tokens/s): "
+        f"1 worker {sat_one.tokens_per_s:,.0f} tokens/s at {sat_one.cpu_us_per_token:.2f} us/token; "
+        f"2 workers {sat_two.tokens_per_s:,.0f} tokens/s at {sat_two.cpu_us_per_token:.2f} us/token "
+        f"(x{sat_two.tokens_per_s / sat_one.tokens_per_s:.2f})"
+    )
+    if len(bench.client_cpus) < 2:
+        print("  note: the workers share one core here (the server holds the other): overhead, not speed-up")
+    print(f"server CPU over the run: {server_cpu_s:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
