@@ -1,0 +1,295 @@
+"""Workload datasets: synthetic prompts of a chosen length, JSONL prompt files and trtllm-bench files.
+
+A dataset hands out ``Request`` objects by index and cycles when a run needs more requests
+than it holds. Synthetic prompts are made of common English words that tokenisers such as
+Llama's and GPT's turn into one token each (with the leading space), so a server tokenises a
+prompt of N words to about N tokens; a request can carry N token ids instead (or as well)
+for engines that take ids, or only its lengths for the simulated engine.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from rackscope.errors import ConfigError
+from runner.engines.base import Request
+
+DISTRIBUTIONS = ("fixed", "uniform", "normal", "lognormal")
+FILE_FORMATS = ("jsonl", "trtllm")
+
+# Words that are a single token (with their leading space) in the Llama 2/3 and GPT-4
+# tokenisers; short and common so no tokeniser splits them.
+WORDS: tuple[str, ...] = (
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "as", "with", "by", "at", "from", "that", "this",
+    "are", "be", "or", "an", "it", "not", "but", "have", "has", "had", "were", "which", "their", "all", "one",
+    "can", "will", "more", "when", "there", "been", "who", "new", "some", "time", "than", "may", "other",
+    "two", "would", "into", "after", "first", "also", "made", "only", "over", "most", "year", "many", "use",
+    "these", "then", "such", "state", "city", "part", "people", "she", "out", "years", "well", "back",
+    "through", "him", "between", "where", "used", "about", "because", "during", "before", "while", "work",
+    "under", "school", "world", "three", "since", "both", "its", "each", "high", "life", "long", "same",
+    "group", "second", "just", "found", "later", "name", "game", "family", "early", "area", "home", "small",
+    "team", "water", "number", "system", "day", "great", "man", "old", "way", "house", "must", "good", "power",
+    "own", "play", "light", "land", "line", "right", "end", "place", "war", "film", "best", "set", "music",
+    "left", "last", "country", "order", "might", "point", "make", "less", "field", "book", "party", "public",
+)
+# Token ids handed to engines that take ids: an ordinary range of a 32k vocabulary, away
+# from the special and byte tokens at the bottom.
+TOKEN_ID_LOW = 1000
+TOKEN_ID_HIGH = 30000
+_TOKEN_IDS = range(TOKEN_ID_LOW, TOKEN_ID_HIGH)
+# What a synthetic request carries: a text prompt, token ids, both, or only its lengths (for
+# the simulated engine, which needs nothing else and is spared building 1,000-word prompts).
+CONTENTS = ("text", "ids", "both", "lengths")
+
+
+class Dataset(Protocol):
+    """What a scenario draws requests from."""
+
+    name: str
+
+    def __len__(self) -> int:
+        """Number of distinct samples (a synthetic dataset reports how many it was asked for)."""
+        ...
+
+    @property
+    def finite(self) -> bool:
+        """True when the dataset is a file whose length bounds a run by default."""
+        ...
+
+    def request(self, index: int, request_id: str) -> Request: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One prompt and its wanted output length."""
+
+    prompt: str | None
+    input_ids: tuple[int, ...] | None
+    input_tokens: int
+    output_tokens: int
+    task_id: str | None = None
+
+
+def draw_length(rng: random.Random, mean: float, distribution: str, spread: float) -> int:
+    """A length around ``mean``: ``spread`` is the half-width (uniform) or the coefficient of
+    variation (normal, lognormal) relative to the mean. Never below 1."""
+    if distribution == "fixed" or spread <= 0.0:
+        value = mean
+    elif distribution == "uniform":
+        value = rng.uniform(mean * (1.0 - spread), mean * (1.0 + spread))
+    elif distribution == "normal":
+        value = rng.gauss(mean, mean * spread)
+    elif distribution == "lognormal":
+        # sigma and mu chosen so the mean stays `mean` and the CV is `spread`.
+        sigma = math.sqrt(math.log1p(spread * spread))
+        value = rng.lognormvariate(math.log(mean) - sigma * sigma / 2.0, sigma)
+    else:
+        raise ConfigError(f"length distribution must be one of {', '.join(DISTRIBUTIONS)}, not {distribution!r}")
+    return max(1, round(value))
+
+
+def words_prompt(rng: random.Random, n_tokens: int) -> str:
+    """A prompt of ``n_tokens`` single-token words."""
+    return " ".join(rng.choices(WORDS, k=n_tokens))
+
+
+class SyntheticDataset:
+    """Seeded synthetic requests: sample ``i`` is the same for a given seed in every run."""
+
+    def __init__(
+        self,
+        input_len: int = 1024,
+        output_len: int = 128,
+        distribution: str = "fixed",
+        spread: float = 0.25,
+        seed: int = 0,
+        samples: int = 0,
+        content: str = "text",
+    ) -> None:
+        if input_len < 1 or output_len < 1:
+            raise ConfigError("--input-len and --output-len must be at least 1")
+        if distribution not in DISTRIBUTIONS:
+            raise ConfigError(f"length distribution must be one of {', '.join(DISTRIBUTIONS)}, not {distribution!r}")
+        if not 0.0 <= spread < 1.0 and distribution in ("uniform",):
+            raise ConfigError("--length-spread for a uniform distribution must be in [0, 1)")
+        if spread < 0.0:
+            raise ConfigError("--length-spread must not be negative")
+        if content not in CONTENTS:
+            raise ConfigError(f"prompt content must be one of {', '.join(CONTENTS)}, not {content!r}")
+        self.name = "synthetic"
+        self.input_len = input_len
+        self.output_len = output_len
+        self.distribution = distribution
+        self.spread = spread
+        self.seed = seed
+        self.samples = samples
+        self.content = content
+
+    def __len__(self) -> int:
+        return self.samples
+
+    @property
+    def finite(self) -> bool:
+        return False
+
+    def sample(self, index: int) -> Sample:
+        # One generator per index (not one shared stream) so a sample does not depend on how
+        # many were drawn before it, whatever order concurrent issuers ask in.
+        rng = random.Random(self.seed * 1_000_003 + index)
+        n_in = draw_length(rng, self.input_len, self.distribution, self.spread)
+        n_out = draw_length(rng, self.output_len, self.distribution, self.spread)
+        content = self.content
+        prompt = words_prompt(rng, n_in) if content in ("text", "both") else None
+        ids = tuple(rng.choices(_TOKEN_IDS, k=n_in)) if content in ("ids", "both") else None
+        return Sample(prompt, ids, n_in, n_out, task_id=str(index))
+
+    def request(self, index: int, request_id: str) -> Request:
+        s = self.sample(index)
+        return Request(
+            request_id=request_id,
+            prompt=s.prompt,
+            input_ids=list(s.input_ids) if s.input_ids is not None else None,
+            input_tokens=s.input_tokens,
+            max_output_tokens=s.output_tokens,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "synthetic",
+            "input_len": self.input_len,
+            "output_len": self.output_len,
+            "distribution": self.distribution,
+            "spread": self.spread,
+            "seed": self.seed,
+            "content": self.content,
+        }
+
+
+class FileDataset:
+    """Samples read from a file; requests cycle through them in order."""
+
+    def __init__(self, path: Path, fmt: str, samples: list[Sample]) -> None:
+        if not samples:
+            raise ConfigError(f"{path}: the dataset holds no samples")
+        self.name = path.name
+        self.path = path
+        self.format = fmt
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def finite(self) -> bool:
+        return True
+
+    def request(self, index: int, request_id: str) -> Request:
+        s = self.samples[index % len(self.samples)]
+        return Request(
+            request_id=request_id,
+            prompt=s.prompt,
+            input_ids=list(s.input_ids) if s.input_ids is not None else None,
+            input_tokens=s.input_tokens,
+            max_output_tokens=s.output_tokens,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "file",
+            "format": self.format,
+            "file": self.path.name,
+            "samples": len(self.samples),
+            "input_tokens_mean": sum(s.input_tokens for s in self.samples) / len(self.samples),
+            "output_tokens_mean": sum(s.output_tokens for s in self.samples) / len(self.samples),
+        }
+
+
+def estimate_tokens(text: str) -> int:
+    """About how many tokens a tokeniser makes of English text (~1.3 per word)."""
+    return max(1, round(len(text.split()) * 1.3))
+
+
+def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise ConfigError(f"cannot read dataset {path}: {exc.strerror or exc}") from exc
+    with handle:
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
+            if not isinstance(obj, dict):
+                raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _positive_int(path: Path, lineno: int, obj: dict[str, Any], key: str) -> int:
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}:{lineno}: {key!r} must be a positive integer, not {value!r}")
+    return value
+
+
+def _prompt_sample(path: Path, lineno: int, obj: dict[str, Any]) -> Sample:
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ConfigError(f"{path}:{lineno}: 'prompt' must be a non-empty string")
+    keys = [k for k in ("max_tokens", "output_tokens") if k in obj]
+    if not keys:
+        raise ConfigError(f"{path}:{lineno}: give the output length as 'max_tokens' or 'output_tokens'")
+    out = _positive_int(path, lineno, obj, keys[0])
+    n_in = _positive_int(path, lineno, obj, "input_tokens") if "input_tokens" in obj else estimate_tokens(prompt)
+    return Sample(prompt, None, n_in, out, task_id=str(obj["id"]) if "id" in obj else None)
+
+
+def _trtllm_sample(path: Path, lineno: int, obj: dict[str, Any]) -> Sample:
+    if "task_id" not in obj:
+        raise ConfigError(f"{path}:{lineno}: trtllm-bench lines need a 'task_id'")
+    if "output_tokens" not in obj:
+        raise ConfigError(f"{path}:{lineno}: trtllm-bench lines need 'output_tokens'")
+    out = _positive_int(path, lineno, obj, "output_tokens")
+    ids = obj.get("input_ids")
+    prompt = obj.get("prompt")
+    if ids is not None:
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ConfigError(f"{path}:{lineno}: 'input_ids' must be a non-empty list of integers")
+        return Sample(prompt if isinstance(prompt, str) else None, tuple(ids), len(ids), out, str(obj["task_id"]))
+    if not isinstance(prompt, str) or not prompt:
+        raise ConfigError(f"{path}:{lineno}: trtllm-bench lines need 'prompt' (a string) or 'input_ids'")
+    return Sample(prompt, None, estimate_tokens(prompt), out, str(obj["task_id"]))
+
+
+def load_dataset(path: str | Path, fmt: str = "jsonl") -> FileDataset:
+    """Read a JSONL prompt file (``{"prompt", "max_tokens" | "output_tokens"}``) or a
+    trtllm-bench dataset (``{"task_id", "prompt" | "input_ids", "output_tokens"}``)."""
+    path = Path(path)
+    if fmt not in FILE_FORMATS:
+        raise ConfigError(f"--dataset-format must be one of {', '.join(FILE_FORMATS)}, not {fmt!r}")
+    parse = _prompt_sample if fmt == "jsonl" else _trtllm_sample
+    return FileDataset(path, fmt, [parse(path, lineno, obj) for lineno, obj in _lines(path)])
+
+
+def trtllm_lines(dataset: SyntheticDataset | FileDataset, count: int) -> Iterator[bytes]:
+    """``count`` requests of a dataset as trtllm-bench dataset lines (for engines that hand
+    trtllm-bench a file)."""
+    for i in range(count):
+        req = dataset.request(i, str(i))
+        line: dict[str, Any] = {"task_id": i, "output_tokens": req.max_output_tokens}
+        if req.input_ids is not None:
+            line["input_ids"] = req.input_ids
+        else:
+            line["prompt"] = req.prompt
+        yield orjson.dumps(line) + b"\n"

@@ -1,0 +1,180 @@
+"""Workload metrics recorded through the OpenTelemetry API (a no-op until a host installs an SDK).
+
+Names, units, attributes and histogram buckets come from ``rackscope.contract``. One call per
+finished request, never per token; the attribute dicts are built once per GPU and reused, so
+recording a request costs a handful of dictionary-free instrument calls.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from rackscope import __version__, contract
+from runner.records import RequestRecord
+from runner.results import CANCELLED
+
+SCOPE = "rackscope.runner"
+ALL_GPUS = "all"  # the gpu attribute when the engine does not say which GPU served a request
+
+Attrs = dict[str, str]
+
+
+class _GpuAttrs:
+    """Every attribute set one GPU's data points use, built once."""
+
+    __slots__ = ("base", "cancelled", "error", "input", "ok", "output")
+
+    def __init__(self, base: Attrs) -> None:
+        self.base = base
+        self.input = {**base, "gen_ai.token.type": "input"}
+        self.output = {**base, "gen_ai.token.type": "output"}
+        self.ok = {**base, "outcome": "ok"}
+        self.error = {**base, "outcome": "error"}
+        self.cancelled = {**base, "outcome": "cancelled"}
+
+
+class _RunInfo:
+    """One observable ``rackscope.run.info`` gauge per meter, reporting the runs active now.
+
+    A meter keeps the first callback an instrument name was registered with, so every run
+    recorded through the same meter shares this one callback; a run that ended simply stops
+    being observed and its series goes away.
+    """
+
+    def __init__(self, meter: Meter) -> None:
+        self._lock = threading.Lock()
+        self._active: dict[int, Attrs] = {}
+        self._next = 0
+        meter.create_observable_gauge(
+            contract.RUN_INFO.otel_name,
+            callbacks=[self._observe],
+            unit=contract.RUN_INFO.unit,
+            description=contract.RUN_INFO.description,
+        )
+
+    def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            return [Observation(1, attrs) for attrs in self._active.values()]
+
+    def add(self, attrs: Attrs) -> int:
+        with self._lock:
+            self._next += 1
+            self._active[self._next] = attrs
+            return self._next
+
+    def remove(self, handle: int) -> None:
+        with self._lock:
+            self._active.pop(handle, None)
+
+
+_run_info_lock = threading.Lock()
+_run_info: weakref.WeakKeyDictionary[Meter, _RunInfo] = weakref.WeakKeyDictionary()
+
+
+def _run_info_for(meter: Meter) -> _RunInfo:
+    with _run_info_lock:
+        info = _run_info.get(meter)
+        if info is None:
+            info = _run_info[meter] = _RunInfo(meter)
+        return info
+
+
+class WorkloadTelemetry:
+    """Records finished requests as ``rackscope.tokens``, ``rackscope.requests`` and the GenAI
+    latency histograms, with rack, node, gpu, model and engine on every data point."""
+
+    def __init__(
+        self,
+        meter: Meter | None = None,
+        *,
+        rack: str,
+        node: str,
+        model: str,
+        engine: str,
+    ) -> None:
+        self._meter = meter if meter is not None else metrics.get_meter(SCOPE, __version__)
+        self.rack, self.node, self.model, self.engine = rack, node, model, engine
+        m = self._meter
+        self._tokens = m.create_counter(
+            contract.TOKENS.otel_name, unit=contract.TOKENS.unit, description=contract.TOKENS.description
+        )
+        self._requests = m.create_counter(
+            contract.REQUESTS.otel_name, unit=contract.REQUESTS.unit, description=contract.REQUESTS.description
+        )
+        self._duration = m.create_histogram(
+            contract.OPERATION_DURATION.otel_name,
+            unit=contract.OPERATION_DURATION.unit,
+            description=contract.OPERATION_DURATION.description,
+            explicit_bucket_boundaries_advisory=list(contract.OPERATION_DURATION_BUCKETS_S),
+        )
+        self._ttft = m.create_histogram(
+            contract.TIME_TO_FIRST_TOKEN.otel_name,
+            unit=contract.TIME_TO_FIRST_TOKEN.unit,
+            description=contract.TIME_TO_FIRST_TOKEN.description,
+            explicit_bucket_boundaries_advisory=list(contract.TTFT_BUCKETS_S),
+        )
+        self._tpot = m.create_histogram(
+            contract.TIME_PER_OUTPUT_TOKEN.otel_name,
+            unit=contract.TIME_PER_OUTPUT_TOKEN.unit,
+            description=contract.TIME_PER_OUTPUT_TOKEN.description,
+            explicit_bucket_boundaries_advisory=list(contract.TPOT_BUCKETS_S),
+        )
+        self._by_gpu: dict[int | None, _GpuAttrs] = {}
+        self._run_handle: int | None = None
+
+    def _attrs(self, gpu: int | None) -> _GpuAttrs:
+        attrs = self._by_gpu.get(gpu)
+        if attrs is None:
+            base = {
+                "rack": self.rack,
+                "node": self.node,
+                "gpu": ALL_GPUS if gpu is None else str(gpu),
+                "model": self.model,
+                "engine": self.engine,
+            }
+            attrs = self._by_gpu[gpu] = _GpuAttrs(base)
+        return attrs
+
+    def record(self, rec: RequestRecord) -> None:
+        """One finished (or failed, or cancelled) request."""
+        a = self._attrs(rec.gpu)
+        if rec.first_token_s is not None and rec.input_tokens:
+            # Prefill happened once a first token came back, whatever the outcome.
+            self._tokens.add(rec.input_tokens, a.input)
+        if rec.output_tokens:
+            self._tokens.add(rec.output_tokens, a.output)
+        if rec.ok:
+            self._requests.add(1, a.ok)
+            e2e, ttft, tpot = rec.e2e_s, rec.ttft_s, rec.tpot_s
+            if e2e is not None:
+                self._duration.record(e2e, a.base)
+            if ttft is not None:
+                self._ttft.record(ttft, a.base)
+            if tpot is not None:
+                self._tpot.record(tpot, a.base)
+        else:
+            self._requests.add(1, a.cancelled if rec.error_type == CANCELLED else a.error)
+
+    def run_started(self, run_id: str, scenario: str) -> None:
+        """``rackscope.run.info`` reports 1 for this run until ``run_ended``."""
+        if self._run_handle is not None:
+            self.run_ended()
+        attrs = {
+            "rack": self.rack, "node": self.node, "run_id": run_id, "scenario": scenario,
+            "model": self.model, "engine": self.engine,
+        }
+        self._run_handle = _run_info_for(self._meter).add(attrs)
+
+    def run_ended(self) -> None:
+        if self._run_handle is not None:
+            _run_info_for(self._meter).remove(self._run_handle)
+            self._run_handle = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"rack": self.rack, "node": self.node, "model": self.model, "engine": self.engine}
