@@ -83,7 +83,8 @@ class RunManager:
             from runner.engines.sim import SimEngine
 
             gpus = self.agent.require_sim("the sim engine")
-            return SimEngine(gpus, self.agent.clock, model=config.model, engine_slowdown=self.agent.engine_slowdown)
+            return SimEngine(gpus, self.agent.clock, model=config.model, engine_slowdown=self.agent.engine_slowdown,
+                             warm_start=config.sim_warm_start, seed=config.seed)
         if config.engine == "openai":
             from runner.engines.openai import OpenAIEngine
 
@@ -137,7 +138,8 @@ class RunManager:
 
     def start_continuous(self, workload: str, *, concurrency: int = 256, rate: float | None = None) -> RunState:
         """Run the simulated engine on this node's own GPUs until the agent stops."""
-        body: dict[str, Any] = {"engine": "sim", "scenario": workload, "duration_s": None, "requests": None}
+        body: dict[str, Any] = {"engine": "sim", "scenario": workload, "duration_s": None, "requests": None,
+                                "sim_warm_start": True, "length_dist": "lognormal"}
         if workload == "concurrency":
             body["concurrency"] = concurrency
         if workload == "server":

@@ -111,6 +111,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--requests", type=int, default=None, help="measured requests (first bound reached ends the run)")
     s.add_argument("--duration", type=parse_seconds, default=None, metavar="SECONDS",
                    help="measured seconds (first bound reached ends the run)")
+    s.add_argument("--warm-start", action="store_true",
+                   help="sim engine: start in steady state, as if it had been serving (skips the cold ramp)")
     s.add_argument("--warmup", type=parse_warmup, default=("auto", 0.0), metavar="N|Ns|auto|0",
                    help="warm-up excluded from results: N requests, N seconds (5s), auto (duration-bounded "
                         "offline runs start measuring when the output rate stops climbing) or 0")
@@ -197,6 +199,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         "warmup_requests": int(amount) if kind == "requests" else 0,
         "warmup_s": amount if kind == "seconds" else 0.0,
         "warmup_auto": kind == "auto",
+        "sim_warm_start": args.warm_start or None,
         "concurrency": args.concurrency,
         "rate": args.rate,
         "sweep": args.sweep or (),
@@ -254,7 +257,7 @@ def build_engine(config: RunConfig, args: argparse.Namespace) -> Built:
             gpus = make_node_gpus(gpu_model, count, clock, rack=config.rack, node=config.node, seed=config.seed)
         else:
             gpus = [SimGpu(i, prof, clock) for i in range(count)]
-        engine = SimEngine(gpus, clock, model=config.model)
+        engine = SimEngine(gpus, clock, model=config.model, warm_start=config.sim_warm_start, seed=config.seed)
         return Built(engine, SimEnergyMeter(gpus, config.node), clock if args.virtual_clock else None)
     if config.engine == "openai":
         from runner.engines.openai import OpenAIEngine

@@ -158,6 +158,9 @@ class RunConfig:
     request_timeout_s: float = 600.0
     max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS
     run_id: str | None = None
+    # Simulated engine only: start in steady state (first batch part-way through generation)
+    # instead of filling every batch from cold; see runner.engines.sim.SimEngine.
+    sim_warm_start: bool = False
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -221,6 +224,7 @@ class RunConfig:
         need(self.request_timeout_s > 0, "request_timeout_s must be positive")
         need(self.max_consecutive_errors >= 1, "max_consecutive_errors must be at least 1")
         need(bool(self.rack) and bool(self.node), "rack and node must not be empty")
+        need(not self.sim_warm_start or self.engine == "sim", "sim_warm_start applies to the sim engine only")
         if self.engine == "openai":
             need(bool(self.url), "the openai engine needs a server URL (url / --url)")
         if self.scenario == "server":
@@ -266,7 +270,7 @@ _FIELD_TYPES: dict[str, str] = {
     "length_dist": "str", "length_spread": "float", "dataset": "str", "dataset_format": "str",
     "seed": "int", "rack": "str", "node": "str", "gpus": "int", "gpu_model": "str", "workers": "int",
     "url": "str", "api": "str", "api_key": "str", "request_timeout_s": "float",
-    "max_consecutive_errors": "int", "run_id": "str",
+    "max_consecutive_errors": "int", "run_id": "str", "sim_warm_start": "bool",
 }
 
 
