@@ -329,7 +329,9 @@ class _Flight:
     """A request in flight and the record it fills. Events after the window's deadline are
     ignored: the request is then stopped with what it had at the deadline."""
 
-    __slots__ = ("before", "cancel_fn", "carried", "done", "last_t", "measured", "opaque", "rec", "run", "task")
+    __slots__ = (
+        "before", "cancel_fn", "carried", "done", "job", "last_t", "measured", "opaque", "rec", "run", "task",
+    )
 
     def __init__(self, run: _Runner, rec: RequestRecord, measured: bool) -> None:
         self.run = run
@@ -342,6 +344,7 @@ class _Flight:
         self.last_t = rec.start_s
         self.cancel_fn: Callable[[], None] | None = None
         self.task: asyncio.Task[None] | None = None
+        self.job: Any = None  # the simulated engine's handle: its token count so far, on demand
 
     def on_event(self, ev: EngineEvent) -> None:
         if self.done:
@@ -398,6 +401,11 @@ class _Flight:
         if self.done:
             return
         rec = self.rec
+        if self.job is not None:  # a simulated request cut short: the tokens it had by now count
+            so_far = int(self.job.tokens_so_far)
+            if so_far > rec.output_tokens:
+                self.run.tokens_received += so_far - rec.output_tokens
+                rec.output_tokens = so_far
         rec.ok = False
         rec.end_s = t
         rec.error_type = CANCELLED
@@ -448,9 +456,11 @@ class _Runner:
         # Token gaps (ITL) are kept for engines that stream real arrivals; the simulated
         # engine's gaps are its iteration times, not worth a float per token of memory.
         self.keep_gaps = self.submit is None
-        # Simulated requests report every token when a run may be cut at a deadline, so the
-        # tokens they had by then count; otherwise only first token and end (cheaper).
-        self.stream_tokens = config.duration_s is not None
+        # Streaming engines report every token when a run may be cut at a deadline, so the
+        # tokens they had by then count. Simulated requests report only first token and end
+        # (a per-token callback would cost ~1M calls/s for a rack); a cut-short one is asked
+        # for its count when stopped.
+        self.stream_tokens = config.duration_s is not None and self.submit is None
         self.tokens_received = 0  # output tokens seen from any request, warm-up included
         self.deadline: float | None = None
         self.inflight: set[_Flight] = set()
@@ -511,10 +521,11 @@ class _Runner:
             self.issued_warmup += 1
         self.inflight.add(flight)
         if self.submit is not None:
-            flight.opaque = not self.stream_tokens  # first token and end only
-            job = self.submit(request, flight.on_event, stream_tokens=self.stream_tokens)
+            flight.opaque = True  # first token and end only
+            job = self.submit(request, flight.on_event, stream_tokens=False)
             if not flight.done:
                 flight.cancel_fn = job.cancel
+                flight.job = job
         elif self.record_fn is not None and not self.stream_tokens:
             flight.opaque = True
             flight.task = asyncio.create_task(self._record_task(flight, request))
@@ -613,7 +624,10 @@ class _Runner:
         for flight in self.inflight:
             flight.carried = True
             # A whole-request engine call reports nothing until it ends: tokens are prorated.
-            flight.before = None if flight.opaque else flight.rec.output_tokens
+            flight.before = (
+                int(flight.job.tokens_so_far) if flight.job is not None
+                else None if flight.opaque else flight.rec.output_tokens
+            )
         phase.energy_start = self.read_energy()
         if self.config.duration_s is not None:
             self.deadline = now + self.config.duration_s
