@@ -1,0 +1,71 @@
+"""Prometheus names the dashboards and rules query: contract metrics, their labels, and the
+recording rules derived from them."""
+
+from __future__ import annotations
+
+from rackscope import contract
+from rackscope.contract import prometheus_label
+
+# --- contract metrics (names as both export paths give them) ----------------------------
+POWER = contract.HW_POWER.prom_name
+ENERGY = contract.HW_ENERGY.prom_name
+MEMORY_USED = contract.HW_GPU_MEMORY_USAGE.prom_name
+MEMORY_LIMIT = contract.HW_GPU_MEMORY_LIMIT.prom_name
+UTILIZATION = contract.HW_GPU_UTILIZATION.prom_name
+GPU_IO = contract.HW_GPU_IO.prom_name
+TEMPERATURE = contract.HW_TEMPERATURE.prom_name
+ERRORS = contract.HW_ERRORS.prom_name
+POWER_LIMIT = contract.GPU_POWER_LIMIT.prom_name
+SM_CLOCK = contract.GPU_SM_CLOCK.prom_name
+THROTTLE = contract.GPU_THROTTLE.prom_name
+GPU_UP = contract.GPU_UP.prom_name
+NODE_INFO = contract.NODE_INFO.prom_name
+COLLECTION_DURATION = contract.COLLECTION_DURATION.prom_name
+TOKENS = contract.TOKENS.prom_name
+REQUESTS = contract.REQUESTS.prom_name
+RUN_INFO = contract.RUN_INFO.prom_name
+TTFT_BUCKET = contract.TIME_TO_FIRST_TOKEN.prom_name + "_bucket"
+TPOT_BUCKET = contract.TIME_PER_OUTPUT_TOKEN.prom_name + "_bucket"
+DURATION_BUCKET = contract.OPERATION_DURATION.prom_name + "_bucket"
+
+# --- labels -------------------------------------------------------------------------------
+TOKEN_TYPE = prometheus_label("gen_ai.token.type")
+IO_DIRECTION = prometheus_label("network.io.direction")
+ERROR_TYPE = prometheus_label("error.type")
+LINK = "link"
+REASON = "reason"
+OUTCOME = "outcome"
+
+# Label values the agent writes (agent/telemetry/series.py and agent/sources/base.py).
+OUTPUT_TOKENS = f'{TOKEN_TYPE}="output"'
+XID = f'{ERROR_TYPE}="xid"'
+ECC = f'{ERROR_TYPE}=~"ecc_.*"'
+NVLINK_ERRORS = f'{ERROR_TYPE}=~"nvlink.*"'  # reserved for per-link error counters (CRC, replay, recovery)
+POWER_THROTTLE_HW = f'{REASON}=~"hw_slowdown|hw_power_brake"'
+POWER_THROTTLE_SW = f'{REASON}="sw_power_cap"'
+THERMAL_THROTTLE = f'{REASON}=~"sw_thermal|hw_thermal"'
+NVLINK = f'{LINK}="nvlink"'
+
+# --- recording rules (dashboards/rules/rackscope.rules.yml) ------------------------------
+GPU_TPS = "rackscope:gpu_output_tokens_per_second"
+NODE_TPS = "rackscope:node_output_tokens_per_second"
+RACK_TPS = "rackscope:rack_output_tokens_per_second"
+RACK_NODE_MEDIAN_TPS = "rackscope:rack_node_median_output_tokens_per_second"
+GPU_POWER_W = "rackscope:gpu_power_watts"
+NODE_POWER_W = "rackscope:node_power_watts"
+RACK_POWER_KW = "rackscope:rack_power_kilowatts"
+NODE_TPJ = "rackscope:node_tokens_per_joule"
+RACK_TPJ = "rackscope:rack_tokens_per_joule"
+RACK_NODE_MEDIAN_TPJ = "rackscope:rack_node_median_tokens_per_joule"
+# Configured per rack in dashboards/rules/baselines.yml (edited by hand).
+RACK_BASELINE_TPS = "rackscope:rack_baseline_output_tokens_per_second"
+RACK_BASELINE_TPJ = "rackscope:rack_baseline_tokens_per_joule"
+
+RECORDED = (
+    GPU_TPS, NODE_TPS, RACK_TPS, RACK_NODE_MEDIAN_TPS, GPU_POWER_W, NODE_POWER_W, RACK_POWER_KW,
+    NODE_TPJ, RACK_TPJ, RACK_NODE_MEDIAN_TPJ,
+)
+
+# Job names whose `up` the target-down alert watches (direct agent scrape, the collector,
+# the Kubernetes ServiceMonitor all use a job starting with "rackscope").
+JOB_PATTERN = "rackscope.*"

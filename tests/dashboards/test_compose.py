@@ -1,0 +1,199 @@
+"""The docker compose demo stack, checked offline (no Docker engine here): the compose file
+against the compose-spec schema, the collector, Prometheus and Alertmanager configs against
+each other and the rules, the agent Dockerfile."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dashboards import provisioning
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_DIR = ROOT / "deploy" / "compose"
+CHECK_JSONSCHEMA = str(Path(sys.executable).parent / "check-jsonschema")
+
+
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return doc
+
+
+def load(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((COMPOSE_DIR / name).read_text())
+    return doc
+
+
+def check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CHECK_JSONSCHEMA, "--builtin-schema", "vendor.compose-spec", str(path)],
+                          check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_compose_file_matches_the_compose_spec(tmp_path: Path) -> None:
+    result = check_compose(ROOT / "docker-compose.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The schema does reject a mistake (a misspelt key in the agent template).
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text((ROOT / "docker-compose.yml").read_text().replace("  restart: unless-stopped\n",
+                                                                     "  restart_policy: unless-stopped\n", 1))
+    assert check_compose(bad).returncode != 0
+
+
+def agent_services() -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in compose()["services"].items() if k.startswith("node-")}
+
+
+def flags(command: list[str]) -> dict[str, str]:
+    return {command[i]: command[i + 1] for i in range(1, len(command) - 1) if command[i].startswith("--")}
+
+
+def test_eighteen_simulated_gb300_nodes_form_rack_r1() -> None:
+    agents = agent_services()
+    assert len(agents) == 18
+    nodes = []
+    for service in agents.values():
+        cmd = service["command"]
+        assert cmd[0] == "agent"
+        f = flags(cmd)
+        assert f["--source"] == "sim"
+        assert f["--gpu-model"] == "gb300"
+        assert f["--gpus"] == "4"
+        assert f["--rack"] == "r1"
+        assert f["--workload"] == "offline"
+        assert f["--otlp-endpoint"] == "http://otel-collector:4318"
+        assert f["--api-host"] == "0.0.0.0"
+        assert f["--api-token"].startswith("${RACKSCOPE_API_TOKEN")
+        assert f["--metrics-host"] == "0.0.0.0"
+        assert service["healthcheck"]["test"][0] == "CMD"
+        assert service["build"]["dockerfile"] == "Dockerfile"
+        nodes.append(f["--node"])
+    assert nodes == [f"n{i:02d}" for i in range(1, 19)]
+
+
+def test_images_are_pinned_and_services_have_healthchecks() -> None:
+    services = compose()["services"]
+    for name, service in services.items():
+        image = service["image"]
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), f"{name}: unpinned image {image}"
+        if name != "otel-collector":  # FROM scratch: nothing inside to run a check with
+            assert "healthcheck" in service, name
+    assert services["grafana"]["image"].startswith("grafana/grafana:11.6.")  # the SDK build's Grafana
+    assert services["otel-collector"]["image"].startswith("otel/opentelemetry-collector-contrib:")
+
+
+def test_gpu_profile_runs_an_nvml_agent() -> None:
+    gpu = compose()["services"]["agent-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["gpus"] == "all"
+    f = flags(gpu["command"])
+    assert f["--source"] == "nvml"
+    assert "--workload" not in f
+
+
+def test_grafana_gets_anonymous_viewers_and_the_provisioning() -> None:
+    grafana = compose()["services"]["grafana"]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"] if v.startswith("./")}
+    assert mounts["/etc/grafana/provisioning/datasources"] == "./dashboards/provisioning/datasources"
+    assert mounts["/etc/grafana/provisioning/dashboards"] == "./dashboards/provisioning/dashboards"
+    assert mounts[provisioning.DASHBOARDS_PATH] == "./dashboards/generated"
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (ROOT / "dashboards" / "generated" / Path(home).name).is_file()
+    for source in mounts.values():
+        assert (ROOT / source).is_dir(), source
+    datasources = yaml.safe_load((ROOT / "dashboards/provisioning/datasources/prometheus.yml").read_text())
+    assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+    assert datasources["datasources"][0]["jsonData"]["timeInterval"] == load("prometheus.yml")["global"][
+        "scrape_interval"]
+
+
+def test_collector_config_is_wired_and_keeps_contract_names() -> None:
+    config = load("otel-collector.yaml")
+    pipeline = config["service"]["pipelines"]["metrics"]
+    for kind in ("receivers", "processors", "exporters"):
+        for component in pipeline[kind]:
+            assert component in config[kind], f"{kind} {component} is used but not defined"
+    assert set(config["service"]["extensions"]) <= set(config["extensions"])
+    otlp = config["receivers"]["otlp"]["protocols"]
+    assert otlp["http"]["endpoint"].endswith(":4318")
+    assert otlp["grpc"]["endpoint"].endswith(":4317")
+    exporter = config["exporters"]["prometheus"]
+    # The default translation adds unit suffixes and _total (the contract's names); nothing here
+    # may switch it off.
+    assert exporter.get("add_metric_suffixes", True) is True
+    assert exporter.get("translation_strategy", "UnderscoreEscapingWithSuffixes") in {
+        "UnderscoreEscapingWithSuffixes", "NoUTF8EscapingWithSuffixes"}
+    assert not exporter.get("resource_to_telemetry_conversion", {}).get("enabled", False)
+    port = exporter["endpoint"].rsplit(":", 1)[1]
+    (job,) = [j for j in load("prometheus.yml")["scrape_configs"] if j["job_name"] == "rackscope-collector"]
+    assert job["static_configs"][0]["targets"] == [f"otel-collector:{port}"]
+    assert job["honor_labels"] is True
+
+
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus-direct.yml"])
+def test_prometheus_configs_pass_promtool_and_load_the_rules(name: str) -> None:
+    result = subprocess.run(["/usr/bin/promtool", "check", "config", str(COMPOSE_DIR / name)],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = load(name)
+    assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
+    assert "./dashboards/rules:/etc/prometheus/rules:ro" in compose()["services"]["prometheus"]["volumes"]
+    assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    assert all(j["job_name"].startswith("rackscope") or j["job_name"] == "prometheus"
+               for j in config["scrape_configs"])
+
+
+def test_direct_scrape_alternative_scrapes_every_agent() -> None:
+    (job,) = [j for j in load("prometheus-direct.yml")["scrape_configs"] if j["job_name"] == "rackscope-agents"]
+    assert sorted(job["static_configs"][0]["targets"]) == sorted(f"{s}:9464" for s in agent_services())
+    volume = compose()["services"]["prometheus"]["volumes"][0]
+    assert volume.startswith("./deploy/compose/${RACKSCOPE_PROMETHEUS_CONFIG:-prometheus.yml}:")
+
+
+def test_alertmanager_routes_and_inhibitions_name_real_alerts() -> None:
+    config = load("alertmanager.yml")
+    receivers = {r["name"] for r in config["receivers"]}
+    assert config["route"]["receiver"] in receivers
+    assert all(r["receiver"] in receivers for r in config["route"]["routes"])
+    rules = yaml.safe_load((ROOT / "dashboards" / "rules" / "rackscope.rules.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    for inhibit in config["inhibit_rules"]:
+        for matcher in inhibit["source_matchers"] + inhibit["target_matchers"]:
+            for alert in re.search(r'"(.*)"', matcher).group(1).split("|"):  # type: ignore[union-attr]
+                assert alert in alerts
+
+
+def test_dockerfile_builds_the_agent_image_from_python_slim() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11\.\d+-slim", text, re.M)
+    assert 'ENTRYPOINT ["rackscope"]' in text
+    assert "pip install" in text
+    assert "USER rackscope" in text
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    for needed in ("!pyproject.toml", "!README.md", "!rackscope/", "!agent/", "!runner/", "!dashboards/"):
+        assert needed in ignore
+    copied = re.findall(r"^COPY (\S+)", text, re.M)
+    assert {"rackscope", "agent", "runner", "dashboards", "pyproject.toml"} <= set(copied)
+
+
+def _has_compose() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    version = subprocess.run(["docker", "compose", "version"], check=False, capture_output=True, timeout=30)
+    return version.returncode == 0
+
+
+@pytest.mark.skipif(not _has_compose(), reason="no docker compose plugin here")
+def test_docker_compose_config_accepts_the_file() -> None:
+    result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                            check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
