@@ -18,6 +18,10 @@ $(VENV)/.core: pyproject.toml
 $(VENV)/.dev: $(VENV)/.core pyproject.toml
 	$(PIP) install -q "$(TORCH_CPU)"
 	$(PIP) install -q -e '.[dev,torch,grafana]'
+	@# grafana-client pulls in urllib3-future, whose start-up hook replaces urllib3 in the whole
+	@# environment and breaks requests-based tools (schemathesis); keep the real urllib3.
+	rm -f $(VENV)/lib/python*/site-packages/urllib3_future.pth
+	$(PIP) install -q --force-reinstall --no-deps urllib3
 	touch $@
 
 install: $(VENV)/.core
