@@ -15,8 +15,9 @@ A run stops at ``requests`` measured requests or ``duration_s`` seconds, whichev
 first. At a duration's end the requests still in flight are stopped; the tokens they
 received inside the window count towards throughput (that is what the engine produced),
 but they count as neither completed nor failed (``requests_cancelled``). Warm-up requests
-(or seconds) run first and are excluded from every result; for ``offline`` the warm-up batch
-drains before the measured batch is issued, elsewhere the measured window starts while the
+(or seconds) run first and are excluded from every result; for a requests-bounded
+``offline`` run the warm-up batch drains before the measured batch is issued (one query, as
+MLPerf); elsewhere, duration-bounded offline included, the measured window starts while the
 warm-up requests are still in flight so the load never dips.
 
 Time: on a wall clock the loop sleeps with asyncio. On a ``VirtualClock`` it drives the
@@ -683,9 +684,10 @@ class _Runner:
         self.done_measured = self.failed_measured = self.tokens_measured = 0
         self.last_end_s = None
         warm = self._warmup_mode(spec)
-        # Offline's warm-up batch drains before the measured batch goes out (one query, as
-        # MLPerf); elsewhere, and for the automatic ramp-up, the load carries straight on.
-        drain = spec.kind == "offline" and warm in ("requests", "seconds")
+        # A requests-bounded offline run's warm-up batch drains before the measured batch goes
+        # out (one query, as MLPerf); a duration-bounded one measures a saturated engine, so
+        # there, as elsewhere and for the automatic ramp-up, the load carries straight on.
+        drain = spec.kind == "offline" and warm in ("requests", "seconds") and cfg.duration_s is None
         warm_until = now + (cfg.warmup_s if warm == "seconds" else AUTO_WARMUP_MAX_S if warm == "auto" else 0.0)
         ramped = False
         if warm == "none":
