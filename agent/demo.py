@@ -474,7 +474,8 @@ def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="Prometheus port of the first node, the others follow; 0 picks free ports",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the per-node variation")
-    p.add_argument("--no-tui", dest="tui", action="store_false", help="plain progress lines instead of the live view")
+    p.add_argument("--no-tui", dest="tui", action="store_false", default=True,
+                   help="plain progress lines instead of the live view (the live view needs a terminal)")
     p.add_argument("--json", action="store_true", help="print the rack record to stdout, nothing else")
     p.add_argument("--output", default=None, help="write the results bundle to this folder")
     p.set_defaults(func=run)
