@@ -47,6 +47,10 @@ _TOKEN_IDS = range(TOKEN_ID_LOW, TOKEN_ID_HIGH)
 # What a synthetic request carries: a text prompt, token ids, both, or only its lengths (for
 # the simulated engine, which needs nothing else and is spared building 1,000-word prompts).
 CONTENTS = ("text", "ids", "both", "lengths")
+# Synthetic lengths are drawn a block of indices at a time from one generator seeded by
+# (seed, block): a new generator per request costs more than the draws themselves.
+LENGTH_BLOCK = 256
+LENGTH_BLOCKS_KEPT = 8  # blocks cached; issuers ask in (nearly) increasing order
 
 
 class Dataset(Protocol):
@@ -133,6 +137,7 @@ class SyntheticDataset:
         self.seed = seed
         self.samples = samples
         self.content = content
+        self._blocks: dict[int, list[tuple[int, int]]] = {}  # block index -> its drawn lengths
 
     def __len__(self) -> int:
         return self.samples
@@ -141,18 +146,41 @@ class SyntheticDataset:
     def finite(self) -> bool:
         return False
 
+    def lengths(self, index: int) -> tuple[int, int]:
+        """(input, output) tokens of sample ``index``: the same for a given seed whatever
+        was asked before, since each block of indices has its own seeded generator."""
+        if self.distribution == "fixed" or self.spread <= 0.0:
+            return self.input_len, self.output_len
+        block, offset = divmod(index, LENGTH_BLOCK)
+        drawn = self._blocks.get(block)
+        if drawn is None:
+            rng = random.Random(f"lengths/{self.seed}/{block}")
+            mean_in, mean_out, dist, spread = self.input_len, self.output_len, self.distribution, self.spread
+            drawn = [
+                (draw_length(rng, mean_in, dist, spread), draw_length(rng, mean_out, dist, spread))
+                for _ in range(LENGTH_BLOCK)
+            ]
+            if len(self._blocks) >= LENGTH_BLOCKS_KEPT:
+                self._blocks.pop(next(iter(self._blocks)), None)
+            self._blocks[block] = drawn
+        return drawn[offset]
+
     def sample(self, index: int) -> Sample:
-        # One generator per index (not one shared stream) so a sample does not depend on how
-        # many were drawn before it, whatever order concurrent issuers ask in.
-        rng = random.Random(self.seed * 1_000_003 + index)
-        n_in = draw_length(rng, self.input_len, self.distribution, self.spread)
-        n_out = draw_length(rng, self.output_len, self.distribution, self.spread)
+        n_in, n_out = self.lengths(index)
         content = self.content
-        prompt = words_prompt(rng, n_in) if content in ("text", "both") else None
-        ids = tuple(rng.choices(_TOKEN_IDS, k=n_in)) if content in ("ids", "both") else None
+        prompt = ids = None
+        if content != "lengths":
+            # One generator per index (not one shared stream) so a prompt does not depend on
+            # how many were drawn before it, whatever order concurrent issuers ask in.
+            rng = random.Random(self.seed * 1_000_003 + index)
+            prompt = words_prompt(rng, n_in) if content in ("text", "both") else None
+            ids = tuple(rng.choices(_TOKEN_IDS, k=n_in)) if content in ("ids", "both") else None
         return Sample(prompt, ids, n_in, n_out, task_id=str(index))
 
     def request(self, index: int, request_id: str) -> Request:
+        if self.content == "lengths":  # the simulated engine's hot path: no prompt to build
+            n_in, n_out = self.lengths(index)
+            return Request(request_id=request_id, input_tokens=n_in, max_output_tokens=n_out)
         s = self.sample(index)
         return Request(
             request_id=request_id,

@@ -1,8 +1,10 @@
 """Workload metrics recorded through the OpenTelemetry API (a no-op until a host installs an SDK).
 
 Names, units, attributes and histogram buckets come from ``rackscope.contract``. One call per
-finished request, never per token; the attribute dicts are built once per GPU and reused, so
-recording a request costs a handful of dictionary-free instrument calls.
+finished request, never per token. The token and request counters are observable counters
+whose callbacks read plain integers summed per attribute set (a simulated rack finishes
+thousands of requests a second, and an SDK ``add`` costs far more than ``+=``); the three
+latency histograms get one ``record`` each with attribute dicts built once per GPU.
 """
 
 from __future__ import annotations
@@ -25,18 +27,83 @@ ALL_GPUS = "all"  # the gpu attribute when the engine does not say which GPU ser
 Attrs = dict[str, str]
 
 
+class _Cell:
+    """One counter data point: its attributes and its running total."""
+
+    __slots__ = ("attrs", "value")
+
+    def __init__(self, attrs: Attrs) -> None:
+        self.attrs = attrs
+        self.value = 0
+
+
+class _Counters:
+    """The ``rackscope.tokens`` and ``rackscope.requests`` observable counters of one meter.
+
+    Every ``WorkloadTelemetry`` on the meter adds into the same cells (one per attribute set),
+    so totals stay cumulative across runs, as a synchronous counter's would. Only cells that
+    were added to are observed, so a series appears with its first request. ``lock`` guards
+    the additions (runs may record from different threads) and the callbacks' reads.
+    """
+
+    def __init__(self, meter: Meter) -> None:
+        self.lock = threading.Lock()
+        self._tokens: dict[tuple[tuple[str, str], ...], _Cell] = {}
+        self._requests: dict[tuple[tuple[str, str], ...], _Cell] = {}
+        meter.create_observable_counter(
+            contract.TOKENS.otel_name,
+            callbacks=[self._observe_tokens],
+            unit=contract.TOKENS.unit,
+            description=contract.TOKENS.description,
+        )
+        meter.create_observable_counter(
+            contract.REQUESTS.otel_name,
+            callbacks=[self._observe_requests],
+            unit=contract.REQUESTS.unit,
+            description=contract.REQUESTS.description,
+        )
+
+    @staticmethod
+    def _cell(cells: dict[tuple[tuple[str, str], ...], _Cell], attrs: Attrs) -> _Cell:
+        key = tuple(sorted(attrs.items()))
+        cell = cells.get(key)
+        if cell is None:
+            cell = cells[key] = _Cell(attrs)
+        return cell
+
+    def tokens(self, attrs: Attrs) -> _Cell:
+        with self.lock:
+            return self._cell(self._tokens, attrs)
+
+    def requests(self, attrs: Attrs) -> _Cell:
+        with self.lock:
+            return self._cell(self._requests, attrs)
+
+    @staticmethod
+    def _observe(cells: dict[tuple[tuple[str, str], ...], _Cell]) -> list[Observation]:
+        return [Observation(c.value, c.attrs) for c in cells.values() if c.value > 0]
+
+    def _observe_tokens(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self.lock:
+            return self._observe(self._tokens)
+
+    def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self.lock:
+            return self._observe(self._requests)
+
+
 class _GpuAttrs:
-    """Every attribute set one GPU's data points use, built once."""
+    """Every attribute set one GPU's data points use, built once, with its counter cells."""
 
     __slots__ = ("base", "cancelled", "error", "input", "ok", "output")
 
-    def __init__(self, base: Attrs) -> None:
+    def __init__(self, base: Attrs, counters: _Counters) -> None:
         self.base = base
-        self.input = {**base, "gen_ai.token.type": "input"}
-        self.output = {**base, "gen_ai.token.type": "output"}
-        self.ok = {**base, "outcome": "ok"}
-        self.error = {**base, "outcome": "error"}
-        self.cancelled = {**base, "outcome": "cancelled"}
+        self.input = counters.tokens({**base, "gen_ai.token.type": "input"})
+        self.output = counters.tokens({**base, "gen_ai.token.type": "output"})
+        self.ok = counters.requests({**base, "outcome": "ok"})
+        self.error = counters.requests({**base, "outcome": "error"})
+        self.cancelled = counters.requests({**base, "outcome": "cancelled"})
 
 
 class _RunInfo:
@@ -75,6 +142,8 @@ class _RunInfo:
 
 _run_info_lock = threading.Lock()
 _run_info: weakref.WeakKeyDictionary[Meter, _RunInfo] = weakref.WeakKeyDictionary()
+_counters: weakref.WeakKeyDictionary[Meter, _Counters] = weakref.WeakKeyDictionary()
+_default_meter: Meter | None = None
 
 
 def _run_info_for(meter: Meter) -> _RunInfo:
@@ -83,6 +152,24 @@ def _run_info_for(meter: Meter) -> _RunInfo:
         if info is None:
             info = _run_info[meter] = _RunInfo(meter)
         return info
+
+
+def _counters_for(meter: Meter) -> _Counters:
+    with _run_info_lock:
+        counters = _counters.get(meter)
+        if counters is None:
+            counters = _counters[meter] = _Counters(meter)
+        return counters
+
+
+def _global_meter() -> Meter:
+    """One meter from the global provider for every default telemetry, so they share one
+    set of counter cells (the API hands out a new proxy meter per call)."""
+    global _default_meter
+    with _run_info_lock:
+        if _default_meter is None:
+            _default_meter = metrics.get_meter(SCOPE, __version__)
+        return _default_meter
 
 
 class WorkloadTelemetry:
@@ -98,15 +185,10 @@ class WorkloadTelemetry:
         model: str,
         engine: str,
     ) -> None:
-        self._meter = meter if meter is not None else metrics.get_meter(SCOPE, __version__)
+        self._meter = meter if meter is not None else _global_meter()
         self.rack, self.node, self.model, self.engine = rack, node, model, engine
         m = self._meter
-        self._tokens = m.create_counter(
-            contract.TOKENS.otel_name, unit=contract.TOKENS.unit, description=contract.TOKENS.description
-        )
-        self._requests = m.create_counter(
-            contract.REQUESTS.otel_name, unit=contract.REQUESTS.unit, description=contract.REQUESTS.description
-        )
+        self._counters = _counters_for(m)
         self._duration = m.create_histogram(
             contract.OPERATION_DURATION.otel_name,
             unit=contract.OPERATION_DURATION.unit,
@@ -138,19 +220,26 @@ class WorkloadTelemetry:
                 "model": self.model,
                 "engine": self.engine,
             }
-            attrs = self._by_gpu[gpu] = _GpuAttrs(base)
+            attrs = self._by_gpu[gpu] = _GpuAttrs(base, self._counters)
         return attrs
 
     def record(self, rec: RequestRecord) -> None:
         """One finished (or failed, or cancelled) request."""
-        a = self._attrs(rec.gpu)
-        if rec.first_token_s is not None and rec.input_tokens:
-            # Prefill happened once a first token came back, whatever the outcome.
-            self._tokens.add(rec.input_tokens, a.input)
-        if rec.output_tokens:
-            self._tokens.add(rec.output_tokens, a.output)
-        if rec.ok:
-            self._requests.add(1, a.ok)
+        a = self._by_gpu.get(rec.gpu) or self._attrs(rec.gpu)
+        ok = rec.ok
+        with self._counters.lock:
+            if rec.first_token_s is not None and rec.input_tokens > 0:
+                # Prefill happened once a first token came back, whatever the outcome.
+                a.input.value += rec.input_tokens
+            if rec.output_tokens > 0:
+                a.output.value += rec.output_tokens
+            if ok:
+                a.ok.value += 1
+            elif rec.error_type == CANCELLED:
+                a.cancelled.value += 1
+            else:
+                a.error.value += 1
+        if ok:
             e2e, ttft, tpot = rec.e2e_s, rec.ttft_s, rec.tpot_s
             if e2e is not None:
                 self._duration.record(e2e, a.base)
@@ -158,8 +247,6 @@ class WorkloadTelemetry:
                 self._ttft.record(ttft, a.base)
             if tpot is not None:
                 self._tpot.record(tpot, a.base)
-        else:
-            self._requests.add(1, a.cancelled if rec.error_type == CANCELLED else a.error)
 
     def run_started(self, run_id: str, scenario: str) -> None:
         """``rackscope.run.info`` reports 1 for this run until ``run_ended``."""

@@ -1,26 +1,9 @@
-"""The Prometheus names of the metric contract, checked against the translator's rules."""
+"""The OTel-to-Prometheus translation rules of the metric contract (the per-metric table is in
+tests/agent/telemetry/test_names.py)."""
 
 import pytest
 
 from rackscope.contract import ALL_METRICS, Kind, prometheus_label, prometheus_name
-
-PUBLIC_NAMES = {
-    "hw.power": "hw_power_watts",
-    "hw.energy": "hw_energy_joules_total",
-    "hw.gpu.memory.usage": "hw_gpu_memory_usage_bytes",
-    "hw.gpu.memory.limit": "hw_gpu_memory_limit_bytes",
-    "hw.temperature": "hw_temperature_celsius",
-    "hw.gpu.io": "hw_gpu_io_bytes_total",
-    "hw.errors": "hw_errors_total",
-    "rackscope.tokens": "rackscope_tokens_total",
-    "rackscope.requests": "rackscope_requests_total",
-}
-
-
-@pytest.mark.parametrize(("otel", "prom"), PUBLIC_NAMES.items())
-def test_public_names_are_exactly_the_contract(otel: str, prom: str) -> None:
-    (metric,) = [m for m in ALL_METRICS if m.otel_name == otel]
-    assert metric.prom_name == prom
 
 
 @pytest.mark.parametrize(
