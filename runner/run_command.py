@@ -373,7 +373,6 @@ async def _run(config: RunConfig, args: argparse.Namespace) -> int:
     import dataclasses
 
     from runner.progress import terminal_progress
-    from runner.results import write_run
     from runner.scenarios import make_dataset, run_scenario
 
     if config.workers > 1:
@@ -402,20 +401,13 @@ async def _run(config: RunConfig, args: argparse.Namespace) -> int:
         await engine.stop()
         if provider is not None:
             provider.shutdown()
-    if args.output:
-        path = await asyncio.to_thread(write_run, result, args.output)
-        print(f"record written to {path}", file=sys.stderr)
-    print(format_summary(result))
-    if signals.received is not None:
-        return EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
-    return 0 if result.complete else EXIT_INCOMPLETE
+    return await _finish(result, args, signals.received)
 
 
 async def _run_workers(config: RunConfig, args: argparse.Namespace) -> int:
     """The openai engine over several client processes (``runner.workers``)."""
     import dataclasses
 
-    from runner.results import write_run
     from runner.scenarios import make_dataset, run_with_workers
 
     dataset = make_dataset(config)
@@ -438,12 +430,19 @@ async def _run_workers(config: RunConfig, args: argparse.Namespace) -> int:
     finally:
         if provider is not None:
             provider.shutdown()
+    return await _finish(result, args, signals.received)
+
+
+async def _finish(result: RunResult, args: argparse.Namespace, received: int | None) -> int:
+    """Write the record (even a partial one), print the summary, pick the exit code."""
+    from runner.results import write_run
+
     if args.output:
         path = await asyncio.to_thread(write_run, result, args.output)
         print(f"record written to {path}", file=sys.stderr)
     print(format_summary(result))
-    if signals.received is not None:
-        return EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
+    if received is not None:
+        return EXIT_SIGINT if received == signal.SIGINT else EXIT_SIGTERM
     return 0 if result.complete else EXIT_INCOMPLETE
 
 

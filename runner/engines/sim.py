@@ -463,14 +463,8 @@ class SimEngine:
         """Fail everything in flight with ``error_type="cancelled"`` and unload the model."""
         if not self._started or self._stopped:
             return
-        self._stopped = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        t = self._clock.now()
+        t = self._halt("cancelled", "engine stopped")
         for w in self._workers:
-            for job in w.in_flight():
-                self._abort(job, Failed(t, "cancelled", "engine stopped", w.generated(job)))
             self._reset_worker(w)
             w.gpu.weights_bytes = 0
         self._fail_queue(t, "cancelled", "engine stopped")
@@ -914,7 +908,8 @@ class SimEngine:
             log.exception("the simulated engine failed; failing every request in flight")
             self._crash(f"simulated engine failed: {type(exc).__name__}: {exc}")
 
-    def _crash(self, message: str) -> None:
+    def _halt(self, error_type: str, message: str) -> float:
+        """Stop iterating and fail every request in flight with what it had; returns now."""
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
@@ -922,7 +917,11 @@ class SimEngine:
         t = self._clock.now()
         for w in self._workers:
             for job in w.in_flight():
-                self._abort(job, Failed(t, "engine", message, w.generated(job)))
+                self._abort(job, Failed(t, error_type, message, w.generated(job)))
+        return t
+
+    def _crash(self, message: str) -> None:
+        t = self._halt("engine", message)
         self._fail_queue(t, "engine", message)
         self._heap.clear()
 
