@@ -143,7 +143,7 @@ class _RunInfo:
 _run_info_lock = threading.Lock()
 _run_info: weakref.WeakKeyDictionary[Meter, _RunInfo] = weakref.WeakKeyDictionary()
 _counters: weakref.WeakKeyDictionary[Meter, _Counters] = weakref.WeakKeyDictionary()
-_default_meter: Meter | None = None
+_default_meter: list[Meter] = []  # the one meter default telemetries share, once made
 
 
 def _run_info_for(meter: Meter) -> _RunInfo:
@@ -165,11 +165,10 @@ def _counters_for(meter: Meter) -> _Counters:
 def _global_meter() -> Meter:
     """One meter from the global provider for every default telemetry, so they share one
     set of counter cells (the API hands out a new proxy meter per call)."""
-    global _default_meter
     with _run_info_lock:
-        if _default_meter is None:
-            _default_meter = metrics.get_meter(SCOPE, __version__)
-        return _default_meter
+        if not _default_meter:
+            _default_meter.append(metrics.get_meter(SCOPE, __version__))
+        return _default_meter[0]
 
 
 class WorkloadTelemetry:

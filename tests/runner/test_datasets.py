@@ -146,3 +146,21 @@ def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
         load_dataset(tmp_path / "nope.jsonl")
     with pytest.raises(ConfigError, match="--dataset-format"):
         load_dataset(tmp_path / "nope.jsonl", "csv")
+
+
+def test_seeded_lengths_do_not_depend_on_order_across_blocks() -> None:
+    def make(content: str) -> SyntheticDataset:
+        return SyntheticDataset(input_len=300, output_len=100, distribution="lognormal", seed=7, content=content)
+
+    forward, backward = make("lengths"), make("lengths")
+    indices = [0, 1, 255, 256, 257, 5000, 100_000]
+    want = [forward.sample(i) for i in indices]
+    for far in range(0, 40 * 256, 256):  # asks in other blocks push the first ones out of the cache
+        backward.sample(far + 3)
+    assert [backward.sample(i) for i in reversed(indices)] == list(reversed(want))
+    # What a request carries does not change its lengths.
+    text = make("text")
+    req = forward.request(257, "x")
+    assert (req.prompt, req.input_ids) == (None, None)
+    assert (text.sample(257).input_tokens, text.sample(257).output_tokens) == (req.input_tokens, req.max_output_tokens)
+    assert len({(s.input_tokens, s.output_tokens) for s in want}) > 1  # drawn, not fixed

@@ -105,3 +105,26 @@ def test_without_an_sdk_it_is_a_no_op() -> None:
     t.run_started("x", "offline")
     t.record(rec("a"))
     t.run_ended()
+
+
+def test_counters_are_cumulative_across_runs_on_one_meter(reader: tuple[InMemoryMetricReader, MeterProvider]) -> None:
+    r, provider = reader
+    meter = provider.get_meter("test")
+    first = WorkloadTelemetry(meter, rack="r1", node="n01", model="m", engine="sim")
+    first.record(rec("a", gpu=0, out=7))
+    first.run_ended()
+    del first  # a finished run's totals stay: a counter never goes down
+    second = WorkloadTelemetry(meter, rack="r1", node="n01", model="m", engine="sim")
+    second.record(rec("b", gpu=0, out=5))
+    second.record(rec("c", gpu=1, out=2))
+    m = metrics_by_name(r)
+    tokens = {
+        (p.attributes["gpu"], p.attributes["gen_ai.token.type"]): p.value for p in points(m[contract.TOKENS.otel_name])
+    }
+    assert tokens == {("0", "input"): 200, ("0", "output"): 12, ("1", "input"): 100, ("1", "output"): 2}
+    requests = {
+        (p.attributes["gpu"], p.attributes["outcome"]): p.value for p in points(m[contract.REQUESTS.otel_name])
+    }
+    assert requests == {("0", "ok"): 2, ("1", "ok"): 1}  # no zero series for outcomes never seen
+    counts = {p.attributes["gpu"]: (p.count, p.sum) for p in points(m[contract.OPERATION_DURATION.otel_name])}
+    assert counts == {"0": (2, pytest.approx(2.5)), "1": (1, pytest.approx(1.25))}
