@@ -189,8 +189,12 @@ def run_config(name: str, cmds: list[list[str]], prefix: str | None, nodes: int,
 async def rack_child(args: argparse.Namespace) -> None:
     """N agents in this process, as the demo runs them, each with the continuous offline
     workload; prints one ready line with the metrics ports, runs until SIGTERM."""
-    from agent.demo import DemoOptions, DemoRack
+    import gc
 
+    from agent.demo import DEMO_GC_THRESHOLDS, DemoOptions, DemoRack
+
+    gc.freeze()  # as `rackscope demo` does
+    gc.set_threshold(*DEMO_GC_THRESHOLDS)
     opts = DemoOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_model=args.gpu_model, tui=False)
     import tempfile
 
