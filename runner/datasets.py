@@ -20,6 +20,7 @@ import orjson
 
 from rackscope.errors import ConfigError
 from runner.engines.base import Request
+from runner.jsonl import read_objects
 
 DISTRIBUTIONS = ("fixed", "uniform", "normal", "lognormal")
 FILE_FORMATS = ("jsonl", "trtllm")
@@ -247,21 +248,7 @@ def estimate_tokens(text: str) -> int:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise ConfigError(f"cannot read dataset {path}: {exc.strerror or exc}") from exc
-    with handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
-            if not isinstance(obj, dict):
-                raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    return read_objects(path, ConfigError, "dataset")
 
 
 def _positive_int(path: Path, lineno: int, obj: dict[str, Any], key: str) -> int:

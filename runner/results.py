@@ -21,6 +21,7 @@ import orjson
 
 from rackscope import __version__
 from rackscope.errors import ResultError
+from runner.jsonl import read_objects
 from runner.records import RequestRecord
 
 SCHEMA = "rackscope.run/1"
@@ -679,22 +680,8 @@ def load_run(path: str | Path) -> JsonDict:
 
 def load_requests(path: str | Path) -> Iterator[JsonDict]:
     """Rows of a ``.requests.jsonl`` file."""
-    path = Path(path)
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise ResultError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    with handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise ResultError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
-            if not isinstance(row, dict):
-                raise ResultError(f"{path}:{lineno}: expected a JSON object")
-            yield row
+    for _, row in read_objects(Path(path), ResultError):
+        yield row
 
 
 def now_utc() -> datetime:
