@@ -239,14 +239,16 @@ class RunManager:
             if state.result is None:
                 raise HTTPException(status_code=409, detail=f"run {run_id} is {state.status}: no record yet")
             name = Path(state.record_path).name if state.record_path else f"{run_id}.json"
-            return state.result.to_record(requests_file=str(requests_path(Path(name)).name))
+            # Building a big run's record takes a while: off the event loop the node keeps sampling.
+            return await asyncio.to_thread(state.result.to_record, requests_file=requests_path(Path(name)).name)
 
         @app.get("/v1/runs/{run_id}/requests", summary="The finished run's per-request rows (JSON lines)")
         async def get_requests(run_id: str) -> Response:
             state = self.get(run_id)
             if state.result is None:
                 raise HTTPException(status_code=409, detail=f"run {run_id} is {state.status}: no record yet")
-            body = b"".join(orjson.dumps(row) + b"\n" for row in state.result.request_rows())
+            result = state.result
+            body = await asyncio.to_thread(lambda: b"".join(orjson.dumps(r) + b"\n" for r in result.request_rows()))
             return Response(content=body, media_type="application/x-ndjson")
 
         @app.post("/v1/runs/{run_id}/cancel", dependencies=list(mutating), summary="Cancel a run")
