@@ -302,8 +302,9 @@ def test_server_killed_mid_run_gives_a_partial_record(tmp_path: Path, serve_sim:
     assert s["stop_reason"] == "errors"
     assert s["requests_completed"] >= 40
     assert s["requests_failed"] >= 20
+    # Streams cut by the kill fail as "protocol"; requests sent after it fail to "connect". Which
+    # of them make up the consecutive failures that stop the run depends on timing.
     assert set(s["requests_failed_by_error"]) <= {"connect", "protocol", "timeout"}
-    assert "connect" in s["requests_failed_by_error"]
     assert s["requests_issued"] < 5000
 
 
