@@ -83,6 +83,15 @@ class Sample:
     output_tokens: int
     task_id: str | None = None
 
+    def request(self, request_id: str) -> Request:
+        return Request(
+            request_id=request_id,
+            prompt=self.prompt,
+            input_ids=list(self.input_ids) if self.input_ids is not None else None,
+            input_tokens=self.input_tokens,
+            max_output_tokens=self.output_tokens,
+        )
+
 
 def draw_length(rng: random.Random, mean: float, distribution: str, spread: float) -> int:
     """A length around ``mean``: ``spread`` is the half-width (uniform) or the coefficient of
@@ -182,14 +191,7 @@ class SyntheticDataset:
         if self.content == "lengths":  # the simulated engine's hot path: no prompt to build
             n_in, n_out = self.lengths(index)
             return Request(request_id=request_id, input_tokens=n_in, max_output_tokens=n_out)
-        s = self.sample(index)
-        return Request(
-            request_id=request_id,
-            prompt=s.prompt,
-            input_ids=list(s.input_ids) if s.input_ids is not None else None,
-            input_tokens=s.input_tokens,
-            max_output_tokens=s.output_tokens,
-        )
+        return self.sample(index).request(request_id)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -222,14 +224,7 @@ class FileDataset:
         return True
 
     def request(self, index: int, request_id: str) -> Request:
-        s = self.samples[index % len(self.samples)]
-        return Request(
-            request_id=request_id,
-            prompt=s.prompt,
-            input_ids=list(s.input_ids) if s.input_ids is not None else None,
-            input_tokens=s.input_tokens,
-            max_output_tokens=s.output_tokens,
-        )
+        return self.samples[index % len(self.samples)].request(request_id)
 
     def describe(self) -> dict[str, Any]:
         return {
