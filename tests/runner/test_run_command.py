@@ -277,17 +277,25 @@ def test_workers_share_the_load(tmp_path: Path, serve_sim: ServeSim) -> None:
     assert s["output_tokens"] == 40 * 16
 
 
-def test_server_killed_mid_run_gives_a_partial_record(tmp_path: Path, serve_sim: ServeSim) -> None:
+def start_long_http_run(tmp_path: Path, serve_sim: ServeSim) -> subprocess.Popen[str]:
+    """A 5,000-request run against serve-sim, returned once 40 requests have finished."""
     client = subprocess.Popen(
         [*RACKSCOPE, "run", *OPENAI_FLAGS, "--url", serve_sim.url, "--requests", "5000", "--output-len", "64",
          "--output", "out.json"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    deadline = time.monotonic() + 30
+    while serve_sim.finished_ok() < 40:
+        if time.monotonic() > deadline:
+            client.kill()
+            raise AssertionError("the client never got going")
+        time.sleep(0.1)
+    return client
+
+
+def test_server_killed_mid_run_gives_a_partial_record(tmp_path: Path, serve_sim: ServeSim) -> None:
+    client = start_long_http_run(tmp_path, serve_sim)
     try:
-        deadline = time.monotonic() + 30
-        while serve_sim.finished_ok() < 40:
-            assert time.monotonic() < deadline, "the client never got going"
-            time.sleep(0.1)
         serve_sim.proc.kill()
         serve_sim.proc.wait()
         _out, err = client.communicate(timeout=60)
@@ -430,16 +438,8 @@ def test_trtllm_bench_report_becomes_a_run_record(tmp_path: Path) -> None:
 
 
 def test_sigint_during_an_http_run_cancels_in_flight_requests(tmp_path: Path, serve_sim: ServeSim) -> None:
-    client = subprocess.Popen(
-        [*RACKSCOPE, "run", *OPENAI_FLAGS, "--url", serve_sim.url, "--requests", "5000", "--output-len", "64",
-         "--output", "out.json"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    client = start_long_http_run(tmp_path, serve_sim)
     try:
-        deadline = time.monotonic() + 30
-        while serve_sim.finished_ok() < 40:
-            assert time.monotonic() < deadline, "the client never got going"
-            time.sleep(0.1)
         client.send_signal(signal.SIGINT)
         _out, err = client.communicate(timeout=60)
     finally:
