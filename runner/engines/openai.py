@@ -296,6 +296,9 @@ class _Conn(asyncio.Protocol):
             self.fast
             and data.endswith(b"\n\n\r\n")
             and ((crlf := data.count(b"\r\n")) == 2 or crlf == 2 * data.count(b"\n\n\r\n"))
+            # A reasoning model's first thoughts can share a read with content; only the
+            # general path counts them.
+            and not (self.api_chat and b'"reasoning' in data)
         ):
             count = data.count(self.pat_open)
             if count:
