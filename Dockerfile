@@ -11,15 +11,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 # Dependencies first, so code edits do not reinstall them: install the project's declared
-# dependencies from pyproject.toml with stub packages, then the real sources.
+# dependencies from pyproject.toml with a stub package, then the real sources. rackscope/agent,
+# rackscope/runner, ... are links to the top-level folders, copied beside it; the wheel holds
+# the one `rackscope` package.
 COPY pyproject.toml README.md ./
-RUN mkdir -p rackscope agent runner dashboards \
-    && for p in rackscope agent runner dashboards; do touch "$p/__init__.py"; done \
+RUN mkdir -p rackscope \
+    && touch rackscope/__init__.py \
     && pip install . \
     && pip uninstall -y rackscope
 COPY rackscope ./rackscope
 COPY agent ./agent
 COPY runner ./runner
+COPY rack ./rack
 COPY dashboards ./dashboards
 RUN pip install --no-deps . \
     && useradd --system --create-home --uid 10001 rackscope \

@@ -13,12 +13,12 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.faults import FAULTS, Fault
 from rackscope import __version__
+from rackscope.agent.faults import FAULTS, Fault
 from rackscope.errors import ConfigError, RunConflict
 
 if TYPE_CHECKING:
-    from agent.node import NodeAgent
+    from rackscope.agent.node import NodeAgent
 
 FaultName = Literal["power-cap", "thermal-throttle", "nvlink-degraded", "gpu-drop", "engine-slow"]
 

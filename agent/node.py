@@ -12,16 +12,16 @@ from dataclasses import asdict, dataclass
 
 import uvicorn
 
-from agent.faults import Fault, apply_fault, clear_all
-from agent.logbuffer import process_log
-from agent.settings import AgentSettings
-from agent.sources.base import GpuInfo, GpuSample, GpuSource
-from agent.telemetry import Telemetry
 from rackscope import __version__
+from rackscope.agent.faults import Fault, apply_fault, clear_all
+from rackscope.agent.logbuffer import process_log
+from rackscope.agent.settings import AgentSettings
+from rackscope.agent.sources.base import GpuInfo, GpuSample, GpuSource
+from rackscope.agent.telemetry import Telemetry
 from rackscope.clock import Clock, WallClock
 from rackscope.errors import ConfigError
+from rackscope.runner.scenarios import EnergyMeter, SimEnergyMeter
 from rackscope.simgpu import SimGpu
-from runner.scenarios import EnergyMeter, SimEnergyMeter
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class NodeAgent:
         self.started_at = time.time()
         self.api_port: int | None = None  # the bound port, once the API is up
         self.log = process_log()
-        from agent.runs import RunManager
+        from rackscope.agent.runs import RunManager
 
         self.runs = RunManager(self)
 
@@ -164,7 +164,7 @@ class NodeAgent:
     # --- serving -------------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set: sampler, metrics endpoint, control API, workload."""
-        from agent.api import create_app
+        from rackscope.agent.api import create_app
 
         self.telemetry.start()
         self.tick()

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from runner.scenarios import RunConfig
+from rackscope.runner.scenarios import RunConfig
 
 # Set by the agent from its own identity, never by the caller.
 AGENT_OWNED = ("rack", "node")

@@ -17,13 +17,13 @@ import orjson
 from fastapi import FastAPI, HTTPException, Response
 from fastapi.params import Depends
 
-from agent.run_models import RunBody
+from rackscope.agent.run_models import RunBody
 from rackscope.errors import ConfigError, RackscopeError, RunConflict
 
 if TYPE_CHECKING:
-    from agent.node import NodeAgent
-    from runner.engines.base import Engine
-    from runner.results import RunResult
+    from rackscope.agent.node import NodeAgent
+    from rackscope.runner.engines.base import Engine
+    from rackscope.runner.results import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,13 @@ class RunManager:
     def _engine(self, config: Any) -> Engine:
         """Streaming engines only: the sim engine runs on this node's own simulated GPUs."""
         if config.engine == "sim":
-            from runner.engines.sim import SimEngine
+            from rackscope.runner.engines.sim import SimEngine
 
             gpus = self.agent.require_sim("the sim engine")
             return SimEngine(gpus, self.agent.clock, model=config.model, engine_slowdown=self.agent.engine_slowdown,
                              warm_start=config.sim_warm_start, seed=config.seed)
         if config.engine == "openai":
-            from runner.engines.openai import OpenAIEngine
+            from rackscope.runner.engines.openai import OpenAIEngine
 
             try:
                 return OpenAIEngine(
@@ -99,11 +99,11 @@ class RunManager:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
         if config.engine == "trtllm":
-            from runner.engines.trtllm import TrtllmEngine
+            from rackscope.runner.engines.trtllm import TrtllmEngine
 
             return TrtllmEngine(config.model)
         if config.engine == "hf":
-            from runner.engines.hf import HfEngine
+            from rackscope.runner.engines.hf import HfEngine
 
             return HfEngine(config.model)
         raise ConfigError(f"engine {config.engine!r} cannot run inside the agent; use `rackscope run`")
@@ -115,7 +115,7 @@ class RunManager:
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, body: dict[str, Any], continuous: bool = False) -> RunState:
-        from runner.scenarios import RunConfig
+        from rackscope.runner.scenarios import RunConfig
 
         if (active := self.active) is not None:
             raise RunConflict(f"run {active.run_id} is {active.status}; cancel it or wait (one run per agent)")
@@ -147,8 +147,8 @@ class RunManager:
         return self.start(body, continuous=True)
 
     async def _execute(self, state: RunState, config: Any) -> None:
-        from runner.results import write_run
-        from runner.scenarios import run_scenario
+        from rackscope.runner.results import write_run
+        from rackscope.runner.scenarios import run_scenario
 
         assert state.engine is not None
         engine = state.engine
@@ -216,7 +216,7 @@ class RunManager:
 
     # --- HTTP ----------------------------------------------------------------------------
     def add_routes(self, app: FastAPI, mutating: Sequence[Depends]) -> None:
-        from runner.results import requests_path
+        from rackscope.runner.results import requests_path
 
         @app.post("/v1/runs", status_code=201, dependencies=list(mutating), summary="Start a benchmark run")
         async def start_run(body: RunBody) -> dict[str, Any]:  # type: ignore[valid-type]

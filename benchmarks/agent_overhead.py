@@ -76,9 +76,9 @@ def count_series(text: str, prefixes: tuple[str, ...] = ("hw_", "rackscope_gpu_"
 def gpu_series(n_gpus: int) -> list[tuple[MetricDef, list[tuple[dict[str, str], float]]]]:
     """Per GPU metric: (metric, [(attributes, value)]) for every series a simulated node
     actually reports (fields the simulator leaves None are left out, as the agent does)."""
-    from agent.sources.sim import SimSource
-    from agent.telemetry.series import NodeIdentity, gpu_attributes, series_by_metric
     from rackscope import __version__
+    from rackscope.agent.sources.sim import SimSource
+    from rackscope.agent.telemetry.series import NodeIdentity, gpu_attributes, series_by_metric
     from rackscope.clock import WallClock
     from rackscope.simgpu import make_node_gpus
 
@@ -131,10 +131,10 @@ def serve_telemetry_only(n_gpus: int) -> int:
     """Telemetry + metrics server + a 1 s sampler over the simulated source (no control API)."""
     import asyncio
 
-    from agent.settings import AgentSettings
-    from agent.sources.sim import SimSource
-    from agent.telemetry import Telemetry
     from rackscope import __version__
+    from rackscope.agent.settings import AgentSettings
+    from rackscope.agent.sources.sim import SimSource
+    from rackscope.agent.telemetry import Telemetry
     from rackscope.clock import WallClock
     from rackscope.simgpu import make_node_gpus
 

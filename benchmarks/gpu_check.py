@@ -17,8 +17,8 @@ import threading
 import time
 from typing import Any
 
-from agent.sources.base import GpuSample, throttle_names
-from agent.sources.nvml import NvmlSource, probe
+from rackscope.agent.sources.base import GpuSample, throttle_names
+from rackscope.agent.sources.nvml import NvmlSource, probe
 from rackscope.errors import SourceUnavailable
 
 MATMUL_SIZE = 8192  # bf16 8192^3 matmuls keep an H100-class GPU near its power limit

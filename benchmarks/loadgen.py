@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _server
 import orjson
 
-from runner.engines.base import Request
-from runner.engines.openai import OpenAIEngine
-from runner.records import RequestRecord
-from runner.workers import run_workers
+from rackscope.runner.engines.base import Request
+from rackscope.runner.engines.openai import OpenAIEngine
+from rackscope.runner.records import RequestRecord
+from rackscope.runner.workers import run_workers
 
 MODEL = "bench-model"
 

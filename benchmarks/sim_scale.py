@@ -45,8 +45,9 @@ MEMORY_GOAL_BYTES = GIB
 START_TIMEOUT_S = 120.0
 # What an agent process imports before it does anything: the idle baseline imports the same.
 AGENT_IMPORTS = (
-    "agent.node", "agent.api", "agent.runs", "agent.sources.sim", "agent.telemetry",
-    "runner.scenarios", "runner.engines.sim", "fastapi", "uvicorn",
+    "rackscope.agent.node", "rackscope.agent.api", "rackscope.agent.runs", "rackscope.agent.sources.sim",
+    "rackscope.agent.telemetry",
+    "rackscope.runner.scenarios", "rackscope.runner.engines.sim", "fastapi", "uvicorn",
 )
 TOKENS_REPORT_S = 0.5  # the one-process rack reports its engines' token counters this often
 
@@ -191,7 +192,7 @@ async def rack_child(args: argparse.Namespace) -> None:
     workload; prints one ready line with the metrics ports, runs until SIGTERM."""
     import gc
 
-    from agent.demo import DEMO_GC_THRESHOLDS, DemoOptions, DemoRack
+    from rackscope.rack.demo import DEMO_GC_THRESHOLDS, DemoOptions, DemoRack
 
     gc.freeze()  # as `rackscope demo` does
     gc.set_threshold(*DEMO_GC_THRESHOLDS)

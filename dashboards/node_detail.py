@@ -7,10 +7,10 @@ from typing import Any
 
 from grafana_foundation_sdk.models import dashboard as dm
 
-from dashboards import names as n
-from dashboards import panels as p
-from dashboards.panels import Query as Q
-from dashboards.rack_overview import simulated_marker
+from rackscope.dashboards import names as n
+from rackscope.dashboards import panels as p
+from rackscope.dashboards.panels import Query as Q
+from rackscope.dashboards.rack_overview import simulated_marker
 
 UID = "rackscope-node-detail"
 

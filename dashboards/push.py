@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from dashboards import provisioning
+from rackscope.dashboards import provisioning
 from rackscope.errors import ConfigError, GrafanaError
 
 GENERATED = Path(__file__).resolve().parent / "generated"

@@ -8,10 +8,10 @@ from typing import Any
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as dm
 
-from dashboards import names as n
-from dashboards import panels as p
-from dashboards.panels import Query as Q
-from dashboards.rules import RuleParams
+from rackscope.dashboards import names as n
+from rackscope.dashboards import panels as p
+from rackscope.dashboards.panels import Query as Q
+from rackscope.dashboards.rules import RuleParams
 
 UID = "rackscope-rack-overview"
 

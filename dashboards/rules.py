@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from dashboards import names as n
+from rackscope.dashboards import names as n
 
 Rule = dict[str, Any]
 RULES_FILE = "rackscope.rules.yml"

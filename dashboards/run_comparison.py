@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dashboards import names as n
-from dashboards import panels as p
-from dashboards.panels import Query as Q
+from rackscope.dashboards import names as n
+from rackscope.dashboards import panels as p
+from rackscope.dashboards.panels import Query as Q
 
 UID = "rackscope-run-comparison"
 

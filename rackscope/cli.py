@@ -19,12 +19,12 @@ from rackscope.errors import ConfigError, RackscopeError
 
 # One module per subcommand; each exposes register(subparsers).
 COMMAND_MODULES = [
-    "agent.commands",  # agent
-    "dashboards.commands",  # dashboards build|check|push
-    "runner.run_command",  # run, compare
-    "agent.rack_commands",  # rack run, demo
-    "runner.report",  # report
-    "runner.serve_sim",  # serve-sim
+    "rackscope.agent.cli",  # agent
+    "rackscope.dashboards.cli",  # dashboards build|check|push
+    "rackscope.runner.cli",  # run, compare
+    "rackscope.rack.cli",  # rack run, demo
+    "rackscope.runner.report",  # report
+    "rackscope.runner.serve_sim",  # serve-sim
 ]
 
 

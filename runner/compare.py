@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rackscope.errors import ResultError
-from runner.results import check_schema, load_json
+from rackscope.runner.results import check_schema, load_json
 
 Better = Literal["higher", "lower", "info"]
 FAMILIES = ("rackscope.run", "rackscope.rack")

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import orjson
 
 from rackscope.errors import ConfigError
-from runner.engines.base import Request
-from runner.jsonl import read_objects
+from rackscope.runner.engines.base import Request
+from rackscope.runner.jsonl import read_objects
 
 DISTRIBUTIONS = ("fixed", "uniform", "normal", "lognormal")
 FILE_FORMATS = ("jsonl", "trtllm")

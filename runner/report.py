@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rackscope.errors import ResultError
-from runner.results import atomic_writer, check_schema, load_json, load_requests, load_run, percentile
+from rackscope.runner.results import atomic_writer, check_schema, load_json, load_requests, load_run, percentile
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

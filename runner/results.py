@@ -21,8 +21,8 @@ import orjson
 
 from rackscope import __version__
 from rackscope.errors import ResultError
-from runner.jsonl import read_objects
-from runner.records import RequestRecord
+from rackscope.runner.jsonl import read_objects
+from rackscope.runner.records import RequestRecord
 
 SCHEMA = "rackscope.run/1"
 REQUESTS_SUFFIX = ".requests.jsonl"

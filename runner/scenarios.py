@@ -46,13 +46,13 @@ from opentelemetry.metrics import Meter
 
 from rackscope.clock import Clock, VirtualClock
 from rackscope.errors import ConfigError, RackscopeError
+from rackscope.runner.datasets import DISTRIBUTIONS, FILE_FORMATS, Dataset, SyntheticDataset, load_dataset
+from rackscope.runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
+from rackscope.runner.progress import Progress, ProgressCallback
+from rackscope.runner.records import RequestRecord
+from rackscope.runner.results import CANCELLED, Limits, Phase, RunResult, environment, now_utc
+from rackscope.runner.telemetry import WorkloadTelemetry
 from rackscope.simgpu import SimGpu
-from runner.datasets import DISTRIBUTIONS, FILE_FORMATS, Dataset, SyntheticDataset, load_dataset
-from runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
-from runner.progress import Progress, ProgressCallback
-from runner.records import RequestRecord
-from runner.results import CANCELLED, Limits, Phase, RunResult, environment, now_utc
-from runner.telemetry import WorkloadTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -949,8 +949,8 @@ def run_with_workers(
     """
     from functools import partial
 
-    from runner.engines.openai import OpenAIEngine
-    from runner.workers import run_workers
+    from rackscope.runner.engines.openai import OpenAIEngine
+    from rackscope.runner.workers import run_workers
 
     config = config.validate()
     if config.engine != "openai":

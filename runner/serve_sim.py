@@ -30,14 +30,14 @@ import orjson
 
 from rackscope.cli import HelpFormatter
 from rackscope.errors import ConfigError
+from rackscope.runner.engines.base import Done, Failed, FirstToken, Tokens
 from rackscope.simgpu import PROFILES
-from runner.engines.base import Done, Failed, FirstToken, Tokens
 
 if TYPE_CHECKING:
     from aiohttp import web
     from prometheus_client.metrics_core import Metric
 
-    from runner.engines.sim import EventChannel, SimEngine
+    from rackscope.runner.engines.sim import EventChannel, SimEngine
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
 
 
 def _text_tokens(text: str) -> int:
-    from runner.engines.sim import CHARS_PER_TOKEN
+    from rackscope.runner.engines.sim import CHARS_PER_TOKEN
 
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
@@ -377,8 +377,8 @@ class SimServer:
 
     # --- generation ------------------------------------------------------------------------
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        from runner.engines.base import Request
-        from runner.engines.sim import EventChannel
+        from rackscope.runner.engines.base import Request
+        from rackscope.runner.engines.sim import EventChannel
 
         try:
             try:
@@ -508,8 +508,8 @@ async def _serve(args: argparse.Namespace) -> None:
     from aiohttp import web
 
     from rackscope.clock import WallClock
+    from rackscope.runner.engines.sim import SimEngine
     from rackscope.simgpu import make_node_gpus
-    from runner.engines.sim import SimEngine
 
     clock = WallClock()
     gpus = make_node_gpus(args.gpu_model, args.gpus, clock, node=args.node, seed=args.seed)

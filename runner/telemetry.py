@@ -18,8 +18,8 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from rackscope import __version__, contract
-from runner.records import RequestRecord
-from runner.results import CANCELLED
+from rackscope.runner.records import RequestRecord
+from rackscope.runner.results import CANCELLED
 
 SCOPE = "rackscope.runner"
 ALL_GPUS = "all"  # the gpu attribute when the engine does not say which GPU served a request

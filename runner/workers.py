@@ -4,8 +4,8 @@ One Python process streaming tokens tops out at one core. ``run_workers`` spread
 requests over N processes (started with ``spawn``) and merges what they measured::
 
     from functools import partial
-    from runner.engines.openai import OpenAIEngine
-    from runner.workers import run_workers
+    from rackscope.runner.engines.openai import OpenAIEngine
+    from rackscope.runner.workers import run_workers
 
     run = run_workers(
         requests,                                   # list[runner.engines.base.Request]
@@ -67,8 +67,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
 from rackscope.errors import EngineUnavailable, RunError
-from runner.engines.base import Done, Engine, Failed, FirstToken, Request, Tokens
-from runner.records import RequestRecord
+from rackscope.runner.engines.base import Done, Engine, Failed, FirstToken, Request, Tokens
+from rackscope.runner.records import RequestRecord
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from agent.settings import AgentSettings
-from agent.sources.base import GpuInfo, GpuSample, GpuSource
-from agent.sources.sim import SimSource
+from rackscope.agent.settings import AgentSettings
+from rackscope.agent.sources.base import GpuInfo, GpuSample, GpuSource
+from rackscope.agent.sources.sim import SimSource
 from rackscope.clock import Clock
 from rackscope.simgpu import SimGpu, make_node_gpus
 
@@ -21,7 +21,7 @@ def open_source(settings: AgentSettings, clock: Clock) -> tuple[GpuSource, list[
     explicitly chosen source cannot run here."""
     choice = settings.source
     if choice == "auto":
-        from agent.sources import nvml
+        from rackscope.agent.sources import nvml
 
         reason = nvml.probe()
         if reason is None:
@@ -32,11 +32,11 @@ def open_source(settings: AgentSettings, clock: Clock) -> tuple[GpuSource, list[
     source: GpuSource
     sim_gpus: list[SimGpu] | None = None
     if choice == "nvml":
-        from agent.sources.nvml import NvmlSource
+        from rackscope.agent.sources.nvml import NvmlSource
 
         source = NvmlSource()
     elif choice == "dcgm":
-        from agent.sources.dcgm import DcgmSource
+        from rackscope.agent.sources.dcgm import DcgmSource
 
         source = DcgmSource(settings.dcgm_url)
     else:

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.sources.base import GpuInfo, GpuSample, OnceLogger
+from rackscope.agent.sources.base import GpuInfo, GpuSample, OnceLogger
 from rackscope.clock import Clock
 from rackscope.errors import ConfigError, SourceError, SourceUnavailable
 

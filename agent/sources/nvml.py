@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.sources.base import GpuInfo, GpuSample, OnceLogger
+from rackscope.agent.sources.base import GpuInfo, GpuSample, OnceLogger
 from rackscope.clock import Clock, WallClock
 from rackscope.errors import SourceError, SourceUnavailable
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from agent.sources.base import GpuInfo, GpuSample
+from rackscope.agent.sources.base import GpuInfo, GpuSample
 from rackscope.simgpu import SimGpu
 
 

@@ -27,8 +27,9 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
-from agent.sources.base import GpuInfo, OnceLogger
-from agent.telemetry.series import (
+from rackscope import contract
+from rackscope.agent.sources.base import GpuInfo, OnceLogger
+from rackscope.agent.telemetry.series import (
     GpuSeries,
     NodeIdentity,
     Snapshot,
@@ -37,7 +38,6 @@ from agent.telemetry.series import (
     node_info_attributes,
     series_by_metric,
 )
-from rackscope import contract
 from rackscope.contract import Kind, prometheus_label, prometheus_name
 
 log = logging.getLogger(__name__)

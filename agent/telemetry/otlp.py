@@ -26,8 +26,9 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.util.re import parse_env_headers
 
-from agent.settings import AgentSettings
-from agent.telemetry.series import (
+from rackscope import contract
+from rackscope.agent.settings import AgentSettings
+from rackscope.agent.telemetry.series import (
     GpuSeries,
     NodeIdentity,
     Snapshot,
@@ -35,7 +36,6 @@ from agent.telemetry.series import (
     node_info_attributes,
     series_by_metric,
 )
-from rackscope import contract
 from rackscope.contract import Kind, MetricDef
 from rackscope.errors import ConfigError
 

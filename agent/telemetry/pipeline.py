@@ -29,19 +29,19 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
-from agent.settings import AgentSettings
-from agent.sources.base import GpuInfo, GpuSample
-from agent.telemetry.exposition import CONTENT_TYPE, GpuExposition, PullReader, WorkloadExposition
-from agent.telemetry.metrics_server import MetricsServer
-from agent.telemetry.otlp import (
+from rackscope import contract
+from rackscope.agent.settings import AgentSettings
+from rackscope.agent.sources.base import GpuInfo, GpuSample
+from rackscope.agent.telemetry.exposition import CONTENT_TYPE, GpuExposition, PullReader, WorkloadExposition
+from rackscope.agent.telemetry.metrics_server import MetricsServer
+from rackscope.agent.telemetry.otlp import (
     CountingExporter,
     GpuInstruments,
     build_otlp_exporter,
     exporter_label,
     http_metrics_url,
 )
-from agent.telemetry.series import EMPTY_SNAPSHOT, NodeIdentity, Snapshot
-from rackscope import contract
+from rackscope.agent.telemetry.series import EMPTY_SNAPSHOT, NodeIdentity, Snapshot
 
 log = logging.getLogger(__name__)
 

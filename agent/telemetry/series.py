@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from agent.sources.base import THROTTLE_REASONS, GpuInfo, GpuSample
 from rackscope import contract
+from rackscope.agent.sources.base import THROTTLE_REASONS, GpuInfo, GpuSample
 from rackscope.contract import MetricDef
 
 Number = int | float

@@ -31,7 +31,7 @@ from typing import Any
 
 from rackscope.clock import Clock, WallClock
 from rackscope.errors import EngineError, EngineUnavailable
-from runner.engines.base import Done, EngineEvent, Failed, FirstToken, Request, Tokens
+from rackscope.runner.engines.base import Done, EngineEvent, Failed, FirstToken, Request, Tokens
 
 log = logging.getLogger(__name__)
 

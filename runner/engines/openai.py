@@ -59,8 +59,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from rackscope.errors import EngineUnavailable
-from runner.engines.base import Done, EngineEvent, Failed, FirstToken, Request, Tokens
-from runner.records import RequestRecord
+from rackscope.runner.engines.base import Done, EngineEvent, Failed, FirstToken, Request, Tokens
+from rackscope.runner.records import RequestRecord
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ from enum import Enum
 
 from rackscope.clock import Clock, VirtualClock
 from rackscope.errors import EngineError, EngineUnavailable
+from rackscope.runner.engines.base import Done, EngineEvent, Failed, FirstToken, Request, Tokens
 from rackscope.simgpu import GIB, GpuProfile, SimGpu
-from runner.engines.base import Done, EngineEvent, Failed, FirstToken, Request, Tokens
 
 log = logging.getLogger(__name__)
 

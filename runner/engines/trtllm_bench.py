@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rackscope.errors import EngineError, EngineUnavailable, ResultError
-from runner.engines.base import Request
+from rackscope.runner.engines.base import Request
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from agent.node import NodeAgent
-from agent.settings import AgentSettings
-from agent.sources import open_source
+from rackscope.agent.node import NodeAgent
+from rackscope.agent.settings import AgentSettings
+from rackscope.agent.sources import open_source
 from rackscope.clock import WallClock
 
 

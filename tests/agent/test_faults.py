@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent.faults import Fault, apply_fault, clear_all, parse_fault
+from rackscope.agent.faults import Fault, apply_fault, clear_all, parse_fault
 from rackscope.clock import VirtualClock
 from rackscope.errors import ConfigError
 from rackscope.simgpu import make_node_gpus

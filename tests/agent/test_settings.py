@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent.settings import AgentSettings, resolve
+from rackscope.agent.settings import AgentSettings, resolve
 from rackscope.errors import ConfigError
 
 BASE = AgentSettings(node="n01")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dashboards import build
 from rackscope.cli import main
+from rackscope.dashboards import build
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dashboards import names
-from dashboards.rules import RuleParams
 from rackscope import contract
+from rackscope.dashboards import names
+from rackscope.dashboards.rules import RuleParams
 from tests.dashboards import grafana_json as gj
 
 PROMTOOL = "/usr/bin/promtool"

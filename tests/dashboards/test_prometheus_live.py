@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import pytest
 
-from dashboards import names, rules
+from rackscope.dashboards import names, rules
 from tests.dashboards import grafana_json as gj
 
 PROMETHEUS = "/usr/bin/prometheus"

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from dashboards.grafana_api import Grafana
-from dashboards.push import PushOptions, push
 from rackscope.cli import main
+from rackscope.dashboards.grafana_api import Grafana
+from rackscope.dashboards.push import PushOptions, push
 from rackscope.errors import GrafanaError
 from tests.dashboards import grafana_json as gj
 

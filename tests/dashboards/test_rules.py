@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from dashboards import names, rules
+from rackscope.dashboards import names, rules
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "dashboards" / "rules"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from rackscope.cli import main
-from runner.compare import METRICS, compare, render
+from rackscope.runner.compare import METRICS, compare, render
 
 LAT = {"count": 100, "mean": 0.2, "min": 0.1, "max": 0.5, "p50": 0.2, "p90": 0.3, "p95": 0.32, "p99": 0.4,
        "p999": 0.45}

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from rackscope.errors import ConfigError
-from runner.datasets import WORDS, SyntheticDataset, load_dataset, trtllm_lines
+from rackscope.runner.datasets import WORDS, SyntheticDataset, load_dataset, trtllm_lines
 
 
 def test_synthetic_fixed_lengths_words_and_ids() -> None:

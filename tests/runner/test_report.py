@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from agent.faults import Fault, apply_fault
-from agent.rack import NodeRun, assemble_record
+from rackscope.agent.faults import Fault, apply_fault
 from rackscope.clock import VirtualClock
+from rackscope.rack.coordinator import NodeRun, assemble_record
+from rackscope.runner.engines.sim import SimEngine
+from rackscope.runner.report import write_report
+from rackscope.runner.results import write_json, write_run
+from rackscope.runner.scenarios import RunConfig, SimEnergyMeter, run_scenario
 from rackscope.simgpu import make_node_gpus
-from runner.engines.sim import SimEngine
-from runner.report import write_report
-from runner.results import write_json, write_run
-from runner.scenarios import RunConfig, SimEnergyMeter, run_scenario
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("throughput.png", "latency_cdf.png", "power_vs_throughput.png", "tokens_per_joule.png")

@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from rackscope.errors import ResultError
-from runner.records import RequestRecord
-from runner.results import (
+from rackscope.runner.records import RequestRecord
+from rackscope.runner.results import (
     SCHEMA,
     Limits,
     Phase,

@@ -14,10 +14,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from rackscope import contract
 from rackscope.clock import VirtualClock, WallClock
 from rackscope.errors import ConfigError
+from rackscope.runner.engines.sim import SimEngine
+from rackscope.runner.progress import Progress
+from rackscope.runner.scenarios import PRESETS, RunConfig, SimEnergyMeter, run_scenario
 from rackscope.simgpu import SimGpu, profile
-from runner.engines.sim import SimEngine
-from runner.progress import Progress
-from runner.scenarios import PRESETS, RunConfig, SimEnergyMeter, run_scenario
 
 
 class Sim:
@@ -311,7 +311,7 @@ def test_run_config_limits_and_round_trip() -> None:
 
 
 async def test_openai_engine_against_a_streaming_server() -> None:
-    from runner.engines.openai import OpenAIEngine
+    from rackscope.runner.engines.openai import OpenAIEngine
     from tests.runner.streaming_server import Behaviour, StreamingServer
 
     with StreamingServer(Behaviour(ttft_s=0.02, itl_s=0.004, models=["m"])) as server:
@@ -345,7 +345,7 @@ async def test_openai_engine_against_a_streaming_server() -> None:
 
 
 def test_several_worker_processes() -> None:
-    from runner.scenarios import run_with_workers
+    from rackscope.runner.scenarios import run_with_workers
     from tests.runner.streaming_server import Behaviour, StreamingServer
 
     with StreamingServer(Behaviour(ttft_s=0.01, itl_s=0.002, models=["m"])) as server:

@@ -19,9 +19,9 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from rackscope.clock import WallClock
+from rackscope.runner.engines.sim import SimEngine
+from rackscope.runner.serve_sim import TOKEN_TEXTS, SimServer
 from rackscope.simgpu import SimGpu, profile
-from runner.engines.sim import SimEngine
-from runner.serve_sim import TOKEN_TEXTS, SimServer
 
 MODEL = "llama2-70b"
 

@@ -10,8 +10,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from rackscope import contract
-from runner.records import RequestRecord
-from runner.telemetry import WorkloadTelemetry
+from rackscope.runner.records import RequestRecord
+from rackscope.runner.telemetry import WorkloadTelemetry
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from types import ModuleType
 import pytest
 
 from rackscope.errors import EngineUnavailable
-from runner.engines.base import EngineEvent, Request
-from runner.engines.openai import OpenAIEngine
-from runner.workers import collect, run_workers
+from rackscope.runner.engines.base import EngineEvent, Request
+from rackscope.runner.engines.openai import OpenAIEngine
+from rackscope.runner.workers import collect, run_workers
 
 SERVER_PATH = Path(__file__).resolve().parent / "streaming_server.py"
 
@@ -153,9 +153,9 @@ import importlib.util, json, sys, threading, time
 from functools import partial
 spec = importlib.util.spec_from_file_location("streaming_server", sys.argv[1])
 srv = importlib.util.module_from_spec(spec); sys.modules["streaming_server"] = srv; spec.loader.exec_module(srv)
-from runner.engines.base import Request
-from runner.engines.openai import OpenAIEngine
-from runner.workers import run_workers
+from rackscope.runner.engines.base import Request
+from rackscope.runner.engines.openai import OpenAIEngine
+from rackscope.runner.workers import run_workers
 
 if __name__ == "__main__":
     with srv.StreamingServer() as s:

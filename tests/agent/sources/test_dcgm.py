@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources.base import GpuSample, GpuSource
-from agent.sources.dcgm import HINT, DcgmSource
+from rackscope.agent.sources.base import GpuSample, GpuSource
+from rackscope.agent.sources.dcgm import HINT, DcgmSource
 from rackscope.clock import VirtualClock
 from rackscope.errors import ConfigError, SourceError, SourceUnavailable
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from agent.sources.base import GpuSource
-from agent.sources.nvml import NvmlSource
+from rackscope.agent.sources.base import GpuSource
+from rackscope.agent.sources.nvml import NvmlSource
 from rackscope.errors import SourceError
 
 HERE = Path(__file__).parent / "nvml_standin"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from agent.sources.base import GpuSource, throttle_names
-from agent.sources.sim import SimSource
+from rackscope.agent.sources.base import GpuSource, throttle_names
+from rackscope.agent.sources.sim import SimSource
 from rackscope.clock import VirtualClock
 from rackscope.simgpu import make_node_gpus
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from agent.settings import AgentSettings
-from agent.telemetry import Telemetry
+from rackscope.agent.settings import AgentSettings
+from rackscope.agent.telemetry import Telemetry
 from tests.agent.telemetry.expected import IDENTITY
 from tests.agent.telemetry.otlp_receiver import OtlpGrpcReceiver, OtlpHttpReceiver
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.sources.base import GpuInfo, GpuSample
-from agent.telemetry import NodeIdentity
+from rackscope.agent.sources.base import GpuInfo, GpuSample
+from rackscope.agent.telemetry import NodeIdentity
 
 GIB = 1 << 30
 

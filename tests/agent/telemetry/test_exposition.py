@@ -11,9 +11,9 @@ import pytest
 from opentelemetry.metrics import CallbackOptions, Observation
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.sources.base import GpuInfo, GpuSample
-from agent.telemetry import Telemetry
-from agent.telemetry.exposition import escape_label_value, format_le, format_value
+from rackscope.agent.sources.base import GpuInfo, GpuSample
+from rackscope.agent.telemetry import Telemetry
+from rackscope.agent.telemetry.exposition import escape_label_value, format_le, format_value
 from tests.agent.telemetry.expected import INFOS, expected_prom_samples, samples
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.telemetry import Telemetry
-from agent.telemetry.metrics_server import wants_gzip
+from rackscope.agent.telemetry import Telemetry
+from rackscope.agent.telemetry.metrics_server import wants_gzip
 from rackscope.errors import ConfigError
 from tests.agent.telemetry.expected import INFOS, samples
 

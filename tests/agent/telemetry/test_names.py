@@ -20,8 +20,8 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.settings import AgentSettings
-from agent.telemetry import Telemetry
+from rackscope.agent.settings import AgentSettings
+from rackscope.agent.telemetry import Telemetry
 from rackscope.contract import ALL_METRICS, Kind, MetricDef
 from tests.agent.telemetry.expected import COLLECTOR_NAMES, IDENTITY, INFOS, samples
 from tests.agent.telemetry.otlp_receiver import OtlpHttpReceiver

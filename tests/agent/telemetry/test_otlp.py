@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.telemetry import Telemetry
+from rackscope.agent.telemetry import Telemetry
 from tests.agent.telemetry.expected import INFOS, KINDS, expected_gpu_points, samples
 from tests.agent.telemetry.otlp_receiver import OtlpGrpcReceiver, OtlpHttpReceiver, Point, Received
 
@@ -156,11 +156,12 @@ def test_export_failures_are_counted_logged_once_and_not_raised(
         http_receiver.status = 200
         http_receiver.wait_for(has("rackscope.agent.export.failures"))
         assert telemetry.shutdown(timeout_s=5.0) is True
-    warnings = [r for r in caplog.records if r.name == "agent.telemetry.otlp" and r.levelno == logging.WARNING]
+    logger = "rackscope.agent.telemetry.otlp"
+    warnings = [r for r in caplog.records if r.name == logger and r.levelno == logging.WARNING]
     assert len(warnings) == 1  # one line per streak of failures
     sdk_errors = [r for r in caplog.records if r.name.startswith("opentelemetry.") and r.levelno >= logging.ERROR]
     assert len(sdk_errors) <= 1  # the exporter's own error lines are dropped after the first failure
-    assert any("recovered" in r.getMessage() for r in caplog.records if r.name == "agent.telemetry.otlp")
+    assert any("recovered" in r.getMessage() for r in caplog.records if r.name == "rackscope.agent.telemetry.otlp")
     failures = [p for p in http_receiver.points() if p.name == "rackscope.agent.export.failures"]
     assert failures[0].attributes == {"rack": "r1", "node": "n01", "exporter": "otlp_http"}
     assert (failures[0].value or 0) >= 3

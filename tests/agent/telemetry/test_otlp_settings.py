@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.settings import AgentSettings, resolve
-from agent.telemetry import Telemetry
-from agent.telemetry.otlp import http_metrics_url, parse_headers
+from rackscope.agent.settings import AgentSettings, resolve
+from rackscope.agent.telemetry import Telemetry
+from rackscope.agent.telemetry.otlp import http_metrics_url, parse_headers
 from rackscope.errors import ConfigError
 from tests.agent.telemetry.expected import IDENTITY, INFOS, samples
 from tests.agent.telemetry.otlp_receiver import OtlpHttpReceiver

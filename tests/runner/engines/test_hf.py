@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from rackscope.errors import EngineError, EngineUnavailable
-from runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
-from runner.engines.hf import HfEngine, is_available
+from rackscope.runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
+from rackscope.runner.engines.hf import HfEngine, is_available
 
 # Read by huggingface_hub when it is first imported (below, through transformers).
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -16,8 +16,8 @@ from types import ModuleType
 import pytest
 
 from rackscope.errors import EngineUnavailable
-from runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
-from runner.engines.openai import OpenAIEngine
+from rackscope.runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
+from rackscope.runner.engines.openai import OpenAIEngine
 
 
 def _load_server_module() -> ModuleType:

@@ -13,9 +13,8 @@ import pytest
 
 from rackscope.clock import VirtualClock, WallClock
 from rackscope.errors import EngineError
-from rackscope.simgpu import BUSY_POWER_FRACTION, GIB, SimGpu, make_node_gpus, profile
-from runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
-from runner.engines.sim import (
+from rackscope.runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
+from rackscope.runner.engines.sim import (
     KV_BYTES_PER_TOKEN,
     MLPERF_MEAN_INPUT_TOKENS,
     MLPERF_MEAN_OUTPUT_TOKENS,
@@ -24,6 +23,7 @@ from runner.engines.sim import (
     deployment_for,
     run_engines_until,
 )
+from rackscope.simgpu import BUSY_POWER_FRACTION, GIB, SimGpu, make_node_gpus, profile
 
 CUDA_CONTEXT_BYTES = 600 * (1 << 20)  # what SimGpu counts besides weights and KV
 

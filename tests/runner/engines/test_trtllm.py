@@ -24,8 +24,8 @@ import pytest
 
 from rackscope.clock import VirtualClock
 from rackscope.errors import EngineError, EngineUnavailable
-from runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
-from runner.engines.trtllm import INSTALL_HINT, TrtllmEngine, is_available, summarize_iteration_stats
+from rackscope.runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
+from rackscope.runner.engines.trtllm import INSTALL_HINT, TrtllmEngine, is_available, summarize_iteration_stats
 
 STEP_S = 0.25  # exact in binary, so event times compare exactly
 EOS_AFTER = 5  # the stand-in model "emits EOS" after this many tokens unless ignore_eos

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from rackscope.errors import EngineError, EngineUnavailable, ResultError
-from runner.engines.base import Request
-from runner.engines.trtllm_bench import (
+from rackscope.runner.engines.base import Request
+from rackscope.runner.engines.trtllm_bench import (
     DATASET_NAME,
     INSTALL_HINT,
     LOG_NAME,
@@ -34,7 +34,7 @@ from runner.engines.trtllm_bench import (
     dataset_line,
     parse_report,
 )
-from runner.results import LATENCY_KEYS, REQUIRED_SUMMARY_KEYS, distribution
+from rackscope.runner.results import LATENCY_KEYS, REQUIRED_SUMMARY_KEYS, distribution
 
 DATA = Path(__file__).parent / "data"
 MODEL = "nvidia/Llama-3.1-8B-Instruct-FP8"

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 
-from agent.sources.nvml import NvmlSource, probe
+from rackscope.agent.sources.nvml import NvmlSource, probe
 from rackscope.clock import VirtualClock
 from rackscope.errors import SourceUnavailable
 

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from rackscope.errors import ConfigError
 
     try:
-        from dashboards import build
+        from rackscope.dashboards import build
     except ImportError as exc:  # PyYAML and grafana-foundation-sdk come with the dev extra
         raise ConfigError(f"{exc}: building dashboards needs the dev extra: pip install -e '.[dev]'") from exc
     root = (args.root or build.default_root()).resolve()
@@ -76,8 +76,8 @@ def _push(args: argparse.Namespace) -> int:
 
     if args.wait_s < 0 or args.timeout_s <= 0:
         raise ConfigError("--wait must be >= 0 and --timeout > 0")
-    from dashboards.grafana_api import Grafana
-    from dashboards.push import PushOptions, push
+    from rackscope.dashboards.grafana_api import Grafana
+    from rackscope.dashboards.push import PushOptions, push
 
     token = args.grafana_token or os.environ.get("GRAFANA_TOKEN") or None
     grafana = Grafana(args.grafana_url, token, timeout_s=args.timeout_s)

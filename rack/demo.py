@@ -30,10 +30,10 @@ from typing import IO, TYPE_CHECKING, Any
 from rackscope.errors import ConfigError
 
 if TYPE_CHECKING:
-    from agent.demo_view import RackLive
-    from agent.faults import Fault
-    from agent.node import NodeAgent
-    from agent.rack import RackRun
+    from rackscope.agent.faults import Fault
+    from rackscope.agent.node import NodeAgent
+    from rackscope.rack.coordinator import RackRun
+    from rackscope.rack.demo_view import RackLive
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class NodeFault:
 
     @staticmethod
     def parse(spec: str, nodes: list[str]) -> NodeFault:
-        from agent.faults import parse_fault
+        from rackscope.agent.faults import parse_fault
 
         what, sep, where = spec.rpartition("@")
         if not sep or not what or not where:
@@ -83,8 +83,8 @@ class NodeFault:
 
 
 def offline_inflight(opts: DemoOptions) -> int:
+    from rackscope.runner.engines.sim import deployment_for
     from rackscope.simgpu import profile
-    from runner.engines.sim import deployment_for
 
     batch = deployment_for(profile(opts.gpu_model)).max_batch
     return math.ceil(batch * opts.gpus_per_node * INFLIGHT_HEADROOM)
@@ -169,9 +169,9 @@ class DemoRack:
     """N simulated node agents in this process, each with its own metrics and API port."""
 
     def __init__(self, opts: DemoOptions, results_dir: Path) -> None:
-        from agent.node import NodeAgent
-        from agent.settings import AgentSettings
-        from agent.sources.sim import SimSource
+        from rackscope.agent.node import NodeAgent
+        from rackscope.agent.settings import AgentSettings
+        from rackscope.agent.sources.sim import SimSource
         from rackscope.clock import WallClock
         from rackscope.simgpu import make_node_gpus
 
@@ -260,7 +260,7 @@ class LiveSampler:
         return float(stats().output_tokens) if callable(stats) else 0.0
 
     def sample(self, coordinator: RackRun | None, phase: str, elapsed_s: float) -> RackLive:
-        from agent.demo_view import NodeLive, RackLive
+        from rackscope.rack.demo_view import NodeLive, RackLive
 
         now = time.monotonic()
         statuses = {n.agent: n.status for n in coordinator.nodes} if coordinator is not None else {}
@@ -325,7 +325,7 @@ async def run_demo(
 ) -> dict[str, Any]:
     """Start the rack, inject faults, run the offline workload across it, return the rack
     record. ``info`` gets endpoints and progress; ``out`` the view (when a TUI is wanted)."""
-    from agent.rack import RackRun, RackRunSpec
+    from rackscope.rack.coordinator import RackRun, RackRunSpec
 
     opts.validate()
     out = out or sys.stdout
@@ -346,7 +346,7 @@ async def run_demo(
             print("Prometheus endpoints: " + " ".join(f"http://{t}/metrics" for t in targets), file=info)
             print("Prometheus scrape config:\n" + scrape_config(targets), file=info, flush=True)
             if opts.output is not None:
-                from agent.rack import Bundle
+                from rackscope.rack.coordinator import Bundle
 
                 Bundle(bundle_dir).write_bytes("prometheus.yml", scrape_config(targets).encode())
             for nf in faults:
@@ -400,7 +400,7 @@ async def _watch(
         from rich.console import Console
         from rich.live import Live
 
-        from agent.demo_view import render
+        from rackscope.rack.demo_view import render
 
         console = Console(file=out)
         live = Live(console=console, auto_refresh=False, transient=False, redirect_stderr=False, redirect_stdout=False)
@@ -428,7 +428,7 @@ async def _watch(
             await asyncio.wait({task}, timeout=period)
         if live is not None and not task.cancelled() and task.exception() is None:
             # The last frame shows what was measured, not the engines winding down.
-            from agent.demo_view import final_state
+            from rackscope.rack.demo_view import final_state
 
             last = measured or sampler.sample(coordinator, "done", 0.0)
             live.update(render(final_state(last, task.result())), refresh=True)
@@ -439,7 +439,7 @@ async def _watch(
 
 # --- CLI -------------------------------------------------------------------------------------------
 def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from agent.faults import FAULTS
+    from rackscope.agent.faults import FAULTS
     from rackscope.cli import HelpFormatter
     from rackscope.simgpu import PROFILES
 
@@ -484,8 +484,8 @@ def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.rack import exit_code
-    from runner.results import dumps
+    from rackscope.rack.coordinator import exit_code
+    from rackscope.runner.results import dumps
 
     opts = DemoOptions(
         nodes=args.nodes,
@@ -510,7 +510,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(dumps(record))
         sys.stdout.flush()
     else:
-        from agent.demo_view import summary_text
+        from rackscope.rack.demo_view import summary_text
 
         print(summary_text(record, bundle=str(opts.output) if opts.output else None))
     return exit_code(record)

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from rich.console import Console
 
-from agent.demo import DemoOptions, NodeFault, node_names, resolve_node, scrape_config
-from agent.demo_view import REFERENCE_TOKENS_PER_S, NodeLive, RackLive, final_state, render, summary_text
 from rackscope.errors import ConfigError
+from rackscope.rack.demo import DemoOptions, NodeFault, node_names, resolve_node, scrape_config
+from rackscope.rack.demo_view import REFERENCE_TOKENS_PER_S, NodeLive, RackLive, final_state, render, summary_text
 from rackscope.simgpu import profile
 
 NODES18 = node_names(18)

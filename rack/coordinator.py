@@ -40,7 +40,7 @@ import orjson
 
 from rackscope import __version__
 from rackscope.errors import ConfigError, RackscopeError, ResultError, RunError
-from runner.results import atomic_writer, distribution, load_requests, utc_iso, write_json
+from rackscope.runner.results import atomic_writer, distribution, load_requests, utc_iso, write_json
 
 if TYPE_CHECKING:
     import aiohttp

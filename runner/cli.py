@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
 
     from rackscope.clock import Clock
-    from runner.engines.base import Engine
-    from runner.results import RunResult
-    from runner.scenarios import EnergyMeter, RunConfig
+    from rackscope.runner.engines.base import Engine
+    from rackscope.runner.results import RunResult
+    from rackscope.runner.scenarios import EnergyMeter, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 # --- run ----------------------------------------------------------------------------------------
 def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> RunConfig:
     """Flags -> a validated ``RunConfig`` (``ConfigError`` for bad combinations)."""
-    from runner.scenarios import RunConfig
+    from rackscope.runner.scenarios import RunConfig
 
     env = dict(os.environ) if env is None else env
     if args.requests is None and args.duration is None and args.dataset is None:
@@ -242,9 +242,9 @@ def build_engine(config: RunConfig, args: argparse.Namespace) -> Built:
     """The engine a config names; optional engines are imported only when asked for."""
     if config.engine == "sim":
         from rackscope.clock import VirtualClock, WallClock
+        from rackscope.runner.engines.sim import SimEngine
+        from rackscope.runner.scenarios import SimEnergyMeter
         from rackscope.simgpu import SimGpu, make_node_gpus, profile
-        from runner.engines.sim import SimEngine
-        from runner.scenarios import SimEnergyMeter
 
         clock: Clock = VirtualClock() if args.virtual_clock else WallClock()
         gpu_model = config.gpu_model or DEFAULT_SIM_MODEL
@@ -260,7 +260,7 @@ def build_engine(config: RunConfig, args: argparse.Namespace) -> Built:
         engine = SimEngine(gpus, clock, model=config.model, warm_start=config.sim_warm_start, seed=config.seed)
         return Built(engine, SimEnergyMeter(gpus, config.node), clock if args.virtual_clock else None)
     if config.engine == "openai":
-        from runner.engines.openai import OpenAIEngine
+        from rackscope.runner.engines.openai import OpenAIEngine
 
         assert config.url is not None
         try:
@@ -272,10 +272,10 @@ def build_engine(config: RunConfig, args: argparse.Namespace) -> Built:
             raise ConfigError(str(exc)) from exc
         return Built(oa)
     if config.engine == "trtllm":
-        module = _optional("runner.engines.trtllm", "trtllm")
+        module = _optional("rackscope.runner.engines.trtllm", "trtllm")
         return Built(module.TrtllmEngine(config.model, tp=args.tp))
     if config.engine == "hf":
-        module = _optional("runner.engines.hf", "hf")
+        module = _optional("rackscope.runner.engines.hf", "hf")
         try:
             hf = module.HfEngine(config.model, device=args.device, dtype=args.dtype)
         except ValueError as exc:
@@ -372,8 +372,8 @@ def run(args: argparse.Namespace) -> int:
 async def _run(config: RunConfig, args: argparse.Namespace) -> int:
     import dataclasses
 
-    from runner.progress import terminal_progress
-    from runner.scenarios import make_dataset, run_scenario
+    from rackscope.runner.progress import terminal_progress
+    from rackscope.runner.scenarios import make_dataset, run_scenario
 
     if config.workers > 1:
         return await _run_workers(config, args)
@@ -408,7 +408,7 @@ async def _run_workers(config: RunConfig, args: argparse.Namespace) -> int:
     """The openai engine over several client processes (``runner.workers``)."""
     import dataclasses
 
-    from runner.scenarios import make_dataset, run_with_workers
+    from rackscope.runner.scenarios import make_dataset, run_with_workers
 
     dataset = make_dataset(config)
     if args.output:
@@ -435,7 +435,7 @@ async def _run_workers(config: RunConfig, args: argparse.Namespace) -> int:
 
 async def _finish(result: RunResult, args: argparse.Namespace, received: int | None) -> int:
     """Write the record (even a partial one), print the summary, pick the exit code."""
-    from runner.results import write_run
+    from rackscope.runner.results import write_run
 
     if args.output:
         path = await asyncio.to_thread(write_run, result, args.output)
@@ -462,10 +462,10 @@ def _run_trtllm_bench(config: RunConfig, args: argparse.Namespace) -> int:
     """trtllm-bench runs the whole benchmark itself; its report becomes the record's summary."""
     import tempfile
 
-    from runner.results import environment, now_utc, utc_iso, write_json
-    from runner.scenarios import make_dataset
+    from rackscope.runner.results import environment, now_utc, utc_iso, write_json
+    from rackscope.runner.scenarios import make_dataset
 
-    module = _optional("runner.engines.trtllm_bench", "trtllm-bench")
+    module = _optional("rackscope.runner.engines.trtllm_bench", "trtllm-bench")
     if config.scenario not in ("offline", "concurrency"):
         raise ConfigError("--engine trtllm-bench runs the offline or concurrency scenario only")
     if config.duration_s is not None:
@@ -498,7 +498,7 @@ def trtllm_bench_record(
     summary: dict[str, Any], config: RunConfig, *, started_iso: str, ended_iso: str, env: dict[str, Any]
 ) -> dict[str, Any]:
     """A ``rackscope.run/1`` record around a trtllm-bench summary (no per-request rows)."""
-    from runner.results import SCHEMA, distribution
+    from rackscope.runner.results import SCHEMA, distribution
 
     empty = distribution([])
     s = dict(summary)
@@ -561,7 +561,7 @@ def format_summary(result: RunResult) -> str:
 def compare_main(args: argparse.Namespace) -> int:
     import orjson
 
-    from runner.compare import compare, load_comparable, render
+    from rackscope.runner.compare import compare, load_comparable, render
 
     try:
         base = load_comparable(args.base)

@@ -18,8 +18,8 @@ WORKLOADS = ("none", "offline", "server", "concurrency")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from agent.faults import FAULTS
-    from agent.settings import OTLP_PROTOCOLS, SOURCES, AgentSettings
+    from rackscope.agent.faults import FAULTS
+    from rackscope.agent.settings import OTLP_PROTOCOLS, SOURCES, AgentSettings
     from rackscope.cli import HelpFormatter
     from rackscope.simgpu import PROFILES
 
@@ -123,7 +123,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Any:
-    from agent.settings import ENV_VARS, resolve
+    from rackscope.agent.settings import ENV_VARS, resolve
 
     given: dict[str, Any] = {name: getattr(args, name, None) for name in ENV_VARS}
     if getattr(args, "no_metrics", False):
@@ -154,7 +154,7 @@ def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = No
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.faults import parse_fault
+    from rackscope.agent.faults import parse_fault
 
     settings = settings_from_args(args)
     faults = [parse_fault(spec) for spec in args.inject]
@@ -166,8 +166,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Any, faults: list[Any], args: argparse.Namespace) -> int:
-    from agent.node import NodeAgent
-    from agent.sources import open_source
+    from rackscope.agent.node import NodeAgent
+    from rackscope.agent.sources import open_source
     from rackscope.clock import WallClock
 
     clock = WallClock()

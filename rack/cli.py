@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from rackscope.errors import ConfigError
 
 if TYPE_CHECKING:
-    from agent.rack import RackRun
+    from rackscope.rack.coordinator import RackRun
 
 EXIT_SIGTERM = 143
 
@@ -49,9 +49,9 @@ RUN_FIELDS = (
 
 def add_scenario_flags(p: argparse.ArgumentParser) -> None:
     """The workload flags of ``rackscope run`` that make sense for every node of a rack."""
-    from runner.datasets import DISTRIBUTIONS, FILE_FORMATS
-    from runner.run_command import parse_seconds, parse_warmup
-    from runner.scenarios import APIS, ENGINES, PRESETS, SCENARIOS, SWEEP_OVER, RunConfig
+    from rackscope.runner.cli import parse_seconds, parse_warmup
+    from rackscope.runner.datasets import DISTRIBUTIONS, FILE_FORMATS
+    from rackscope.runner.scenarios import APIS, ENGINES, PRESETS, SCENARIOS, SWEEP_OVER, RunConfig
 
     d = RunConfig(node="-")
     w = p.add_argument_group("workload (sent to every agent)")
@@ -103,7 +103,7 @@ def add_scenario_flags(p: argparse.ArgumentParser) -> None:
 def run_body(args: argparse.Namespace) -> dict[str, Any]:
     """The run config sent to every agent, validated here first so bad flags exit 2 before
     any agent is contacted."""
-    from runner.scenarios import RunConfig
+    from rackscope.runner.scenarios import RunConfig
 
     body = {name: getattr(args, name) for name in RUN_FIELDS if getattr(args, name, None) is not None}
     if args.requests is None and args.duration_s is None and args.dataset is None:
@@ -119,8 +119,8 @@ def run_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from agent.rack import DEFAULT_LOST_AFTER_S, DEFAULT_POLL_INTERVAL_S, DEFAULT_STRAGGLER_THRESHOLD
     from rackscope.cli import HelpFormatter
+    from rackscope.rack.coordinator import DEFAULT_LOST_AFTER_S, DEFAULT_POLL_INTERVAL_S, DEFAULT_STRAGGLER_THRESHOLD
 
     rack = sub.add_parser(
         "rack",
@@ -186,7 +186,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--json", action="store_true", help="print the rack record to stdout (nothing else)")
     p.set_defaults(func=run_rack)
 
-    from agent.demo import register_demo
+    from rackscope.rack.demo import register_demo
 
     register_demo(sub)
 
@@ -194,8 +194,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run_rack(args: argparse.Namespace) -> int:
     import uuid
 
-    from agent.rack import RackRun, RackRunSpec, default_output_dir, exit_code, parse_agents
-    from runner.results import dumps
+    from rackscope.rack.coordinator import RackRun, RackRunSpec, default_output_dir, exit_code, parse_agents
+    from rackscope.runner.results import dumps
 
     agents = parse_agents(args.agents, args.agents_file)
     body = run_body(args)
@@ -227,7 +227,7 @@ def run_rack(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(dumps(record))
         sys.stdout.flush()
     else:
-        from agent.demo_view import summary_text
+        from rackscope.rack.demo_view import summary_text
 
         print(summary_text(record, bundle=str(output)))
     return exit_code(record)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.rack import (
+from rackscope.errors import ConfigError
+from rackscope.rack.coordinator import (
     SCHEMA,
     Bundle,
     NodeRun,
@@ -30,7 +31,6 @@ from agent.rack import (
     rack_timeseries,
     summarize_nodes,
 )
-from rackscope.errors import ConfigError
 
 # --- agent lists --------------------------------------------------------------------------------
 

@@ -20,8 +20,8 @@ import pytest
 
 from rackscope.cli import build_parser
 from rackscope.errors import ConfigError
-from runner.results import load_requests, load_run
-from runner.run_command import config_from_args, parse_seconds, parse_warmup
+from rackscope.runner.cli import config_from_args, parse_seconds, parse_warmup
+from rackscope.runner.results import load_requests, load_run
 
 RACKSCOPE = [sys.executable, "-m", "rackscope"]
 

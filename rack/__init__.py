@@ -1,0 +1,1 @@
+"""Operator side: rack runs across many agents, results bundles, the one-process demo."""
