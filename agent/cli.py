@@ -18,8 +18,10 @@ WORKLOADS = ("none", "offline", "server", "concurrency")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from rackscope.agent.engine_metrics.formats import FORMATS as ENGINE_METRICS_FORMATS
     from rackscope.agent.faults import FAULTS
     from rackscope.agent.settings import OTLP_PROTOCOLS, SOURCES, AgentSettings
+    from rackscope.agent.sources import DCGM_DEADLINE_FRACTION
     from rackscope.cli import HelpFormatter
     from rackscope.simgpu import PROFILES
 
@@ -54,6 +56,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--dcgm-url", default=None, help=f"dcgm-exporter endpoint, --source dcgm only (default: {d.dcgm_url})"
     )
     g.add_argument(
+        "--dcgm-timeout",
+        dest="dcgm_timeout_s",
+        type=float,
+        default=None,
+        help=f"seconds one whole dcgm-exporter scrape may take, capped at {DCGM_DEADLINE_FRACTION:g} x --interval; "
+        f"a slower scrape reports the GPUs down (default: {d.dcgm_timeout_s})",
+    )
+    g.add_argument(
         "--interval",
         dest="interval_s",
         type=float,
@@ -67,6 +77,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=[],
         metavar="FAULT",
         help="inject a fault on the simulated GPUs at start, e.g. power-cap=700@0 (repeatable)",
+    )
+    m = p.add_argument_group("inference server")
+    m.add_argument(
+        "--engine-metrics",
+        dest="engine_metrics_url",
+        default=None,
+        metavar="URL",
+        help="the inference server's own metrics page, e.g. http://127.0.0.1:8000/metrics: running and "
+        "waiting requests, KV-cache usage and server-counted tokens, exported beside the GPUs' "
+        "(env RACKSCOPE_ENGINE_METRICS; default: a hosted openai run's server + /metrics, while it runs)",
+    )
+    m.add_argument(
+        "--engine-metrics-format",
+        dest="engine_metrics_format",
+        choices=ENGINE_METRICS_FORMATS,
+        default=None,
+        help="the page's format (env RACKSCOPE_ENGINE_METRICS_FORMAT; default: detected from the page)",
     )
     i = p.add_argument_group("identity")
     i.add_argument("--rack", default=None, help=f"rack name (default: {d.rack})")
@@ -105,7 +132,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument(
         "--api-token",
         default=None,
-        help="token required on mutating API calls (env RACKSCOPE_API_TOKEN); mandatory off loopback",
+        help="token required on mutating API calls (env RACKSCOPE_API_TOKEN); mandatory off loopback. "
+        "A flag's value is visible to every local user in `ps`: prefer --api-token-file",
+    )
+    a.add_argument(
+        "--api-token-file",
+        default=None,
+        metavar="FILE",
+        help="read the API token from FILE once at start, surrounding whitespace stripped "
+        "(env RACKSCOPE_API_TOKEN_FILE); keep it chmod 600",
+    )
+    a.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="directory whose files API-started runs may name as their dataset (env RACKSCOPE_DATA_DIR); "
+        "without it the API refuses every dataset path",
+    )
+    a.add_argument(
+        "--dataset-max-mib",
+        type=int,
+        default=None,
+        metavar="MIB",
+        help=f"largest dataset file an API-started run may read (env RACKSCOPE_DATASET_MAX_MIB; "
+        f"default: {d.dataset_max_mib})",
     )
     w = p.add_argument_group("workload")
     w.add_argument(
@@ -124,6 +174,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Any:
     from rackscope.agent.settings import ENV_VARS, resolve
+    from rackscope.runner.config import SETTINGS, check
 
     given: dict[str, Any] = {name: getattr(args, name, None) for name in ENV_VARS}
     if getattr(args, "no_metrics", False):
@@ -148,8 +199,9 @@ def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = No
         raise ConfigError("--dcgm-url only applies to --source dcgm")
     if args.workload == "server" and not args.rate:
         raise ConfigError("--workload server needs --rate (arrivals per second)")
-    if args.concurrency < 1:
-        raise ConfigError("--concurrency must be at least 1")
+    for name in ("concurrency", "rate"):
+        if getattr(args, name) is not None:
+            check(SETTINGS[name], getattr(args, name))
     return settings
 
 

@@ -7,15 +7,16 @@ import collections
 import logging
 import threading
 
+from rackscope.logs import formatter
+
 DEFAULT_LINES = 2000
-_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class LogBuffer(logging.Handler):
     def __init__(self, capacity: int = DEFAULT_LINES) -> None:
         super().__init__(level=logging.INFO)
         self.lines: collections.deque[str] = collections.deque(maxlen=capacity)
-        self.setFormatter(logging.Formatter(_FORMAT))
+        self.setFormatter(formatter())
         self._lines_lock = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:

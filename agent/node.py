@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import uvicorn
 
 from rackscope import __version__
+from rackscope.agent.engine_metrics.host import EngineMetricsHost
 from rackscope.agent.faults import Fault, apply_fault, clear_all
 from rackscope.agent.logbuffer import process_log
 from rackscope.agent.settings import AgentSettings
@@ -20,7 +21,7 @@ from rackscope.agent.sources.base import GpuInfo, GpuSample, GpuSource
 from rackscope.agent.telemetry import Telemetry
 from rackscope.clock import Clock, WallClock
 from rackscope.errors import ConfigError
-from rackscope.runner.scenarios import EnergyMeter, SimEnergyMeter
+from rackscope.runner.energy import EnergyMeter, SimEnergyMeter
 from rackscope.simgpu import SimGpu
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ class NodeAgent:
             gpus=len(infos),
         )
         self.telemetry = Telemetry(asdict(self.identity), settings)
+        # The inference server's own view: the page the operator named, else a hosted run's server.
+        self.engine_metrics = EngineMetricsHost(
+            self.telemetry, url=settings.engine_metrics_url, fmt=settings.engine_metrics_format,
+            interval_s=settings.interval_s,
+        )
         self.latest: list[GpuSample] = []
         self.collection_errors = 0
         self.engine_slowdown = 1.0
@@ -167,6 +173,7 @@ class NodeAgent:
         from rackscope.agent.api import create_app
 
         self.telemetry.start()
+        self.engine_metrics.start()
         self.tick()
         tasks: list[asyncio.Task[None]] = []
         api_server: uvicorn.Server | None = None
@@ -207,6 +214,7 @@ class NodeAgent:
                 ready.set()
             await stop.wait()
         finally:
+            self.source.interrupt()  # a sample waiting on a peer (dcgm-exporter) ends now, not at its deadline
             await self.runs.shutdown()
             if api_server is not None:
                 api_server.should_exit = True
@@ -216,6 +224,7 @@ class NodeAgent:
                         task.cancel()
                     await task
             self.tick()  # the last sample goes out with the final export
+            await asyncio.to_thread(self.engine_metrics.stop)
             await self.telemetry.close()
             await asyncio.to_thread(self.telemetry.shutdown, SHUTDOWN_FLUSH_TIMEOUT_S)
             self.source.close()

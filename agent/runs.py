@@ -1,39 +1,52 @@
-"""Benchmark runs hosted by an agent: started from the API (one at a time) or run
-continuously for demos, with their records written under the results directory."""
+"""Benchmark runs hosted by an agent: started through the control API (one at a time) or run
+continuously for demos, with their records written under the results directory.
+
+No HTTP here: a bad request is a ``ConfigError``, a busy agent or a run id already used a
+``RunConflict``, an unknown run a ``RunNotFound``; ``rackscope.agent.api`` maps them to status
+codes. What a caller names is resolved here: a dataset only inside the operator's data
+directory, a record only as ``<results dir>/<run id>.json``, created exclusively.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
+import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-import orjson
-from fastapi import FastAPI, HTTPException, Response
-from fastapi.params import Depends
-
-from rackscope.agent.run_models import RunBody
-from rackscope.errors import ConfigError, RackscopeError, RunConflict
+from rackscope.errors import ConfigError, RackscopeError, RunConflict, RunError, RunNotFound
+from rackscope.runner.config import RunConfig
+from rackscope.runner.engines.base import Slowable
+from rackscope.runner.engines.registry import engine_spec
+from rackscope.urls import has_credentials, redact_in
 
 if TYPE_CHECKING:
     from rackscope.agent.node import NodeAgent
+    from rackscope.runner.datasets import Dataset
     from rackscope.runner.engines.base import Engine
-    from rackscope.runner.results import RunResult
+    from rackscope.runner.results.record import RunResult
 
 log = logging.getLogger(__name__)
 
 MAX_KEPT_RUNS = 100  # finished runs kept in memory for GET /v1/runs
+# A rack run's common start: a little in the past (clock skew, slow delivery) up to an hour ahead.
+START_AT_PAST_S = 5.0
+START_AT_AHEAD_S = 3600.0
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 
 
 @dataclass
 class RunState:
     run_id: str
-    config: dict[str, Any]
+    config: dict[str, Any]  # as the record shows it: secrets out, URLs redacted
     status: str = "pending"  # pending, running, completed, failed, cancelled
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -47,6 +60,7 @@ class RunState:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     cancel: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     engine: Engine | None = field(default=None, repr=False)
+    reserved: Path | None = field(default=None, repr=False)  # the record's name, claimed at start
 
     def view(self) -> dict[str, Any]:
         return {
@@ -65,7 +79,7 @@ class RunState:
 
 
 class RunManager:
-    """One run at a time per agent; a second start is a ``RunConflict`` (HTTP 409)."""
+    """One run at a time per agent; a second start is a ``RunConflict``."""
 
     def __init__(self, agent: NodeAgent) -> None:
         self.agent = agent
@@ -76,65 +90,108 @@ class RunManager:
     def active(self) -> RunState | None:
         return next((r for r in self.runs.values() if r.status in ("pending", "running")), None)
 
-    # --- engines -------------------------------------------------------------------------
-    def _engine(self, config: Any) -> Engine:
-        """Streaming engines only: the sim engine runs on this node's own simulated GPUs."""
-        if config.engine == "sim":
-            from rackscope.runner.engines.sim import SimEngine
-
-            gpus = self.agent.require_sim("the sim engine")
-            return SimEngine(gpus, self.agent.clock, model=config.model, engine_slowdown=self.agent.engine_slowdown,
-                             warm_start=config.sim_warm_start, seed=config.seed)
-        if config.engine == "openai":
-            from rackscope.runner.engines.openai import OpenAIEngine
-
-            try:
-                return OpenAIEngine(
-                    config.url,
-                    config.model,
-                    "chat" if config.api == "chat" else "completions",
-                    config.api_key,
-                    timeout_s=config.request_timeout_s,
-                )
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from exc
-        if config.engine == "trtllm":
-            from rackscope.runner.engines.trtllm import TrtllmEngine
-
-            return TrtllmEngine(config.model)
-        if config.engine == "hf":
-            from rackscope.runner.engines.hf import HfEngine
-
-            return HfEngine(config.model)
-        raise ConfigError(f"engine {config.engine!r} cannot run inside the agent; use `rackscope run`")
-
-    def set_engine_slowdown(self, factor: float) -> None:
-        active = self.active
-        if active is not None and active.engine is not None and hasattr(active.engine, "engine_slowdown"):
-            active.engine.engine_slowdown = factor
-
-    # --- lifecycle -----------------------------------------------------------------------
-    def start(self, body: dict[str, Any], continuous: bool = False) -> RunState:
-        from rackscope.runner.scenarios import RunConfig
-
-        if (active := self.active) is not None:
-            raise RunConflict(f"run {active.run_id} is {active.status}; cancel it or wait (one run per agent)")
-        run_id = str(body.get("run_id") or uuid.uuid4().hex[:12])
-        if run_id in self.runs:
-            raise RunConflict(f"run id {run_id} already used")
-        start_at = body.get("start_at")
-        if start_at is not None and not time.time() - 5.0 <= float(start_at) <= time.time() + 3600.0:
-            raise ConfigError("start_at must be unix seconds within the next hour")
-        fields = {k: v for k, v in body.items() if k != "start_at"}
+    # --- what a caller names ---------------------------------------------------------------
+    def config_from_body(self, body: Mapping[str, Any]) -> tuple[RunConfig, float | None]:
+        """A request body as a validated config (this node's identity, a run id) and its
+        ``start_at``; ``ConfigError`` otherwise. Checked before anything else, busy or not."""
+        fields = dict(body)
+        start_at = fields.pop("start_at", None)
+        run_id = fields.get("run_id") or uuid.uuid4().hex[:12]
         config = RunConfig.from_dict(
             {**fields, "run_id": run_id, "rack": self.agent.identity.rack, "node": self.agent.identity.node}
         )
-        state = RunState(run_id=run_id, config=config.to_dict(), continuous=continuous, start_at=start_at)
-        state.engine = self._engine(config)
-        self.runs[state.run_id] = state
-        state.task = asyncio.create_task(self._execute(state, config), name=f"run-{state.run_id}")
-        self._forget_old()
-        return state
+        if config.workers > 1:
+            raise ConfigError("workers > 1 runs through `rackscope run --workers`, not inside the agent")
+        if not engine_spec(config.engine).streaming:
+            raise ConfigError(f"engine {config.engine!r} cannot run inside the agent; use `rackscope run`")
+        if start_at is not None:
+            now = time.time()
+            if isinstance(start_at, bool) or not isinstance(start_at, int | float) or not (
+                now - START_AT_PAST_S <= start_at <= now + START_AT_AHEAD_S
+            ):
+                raise ConfigError("start_at must be unix seconds within the next hour")
+            start_at = float(start_at)
+        return config, start_at
+
+    def load_dataset(self, config: RunConfig) -> Dataset | None:
+        """The dataset a caller named, read only from inside the data directory (blocking)."""
+        from rackscope.runner.datasets import load_dataset
+
+        if not config.dataset:
+            return None
+        settings = self.agent.settings
+        if settings.data_dir is None:
+            raise ConfigError(
+                "this agent grants no data directory, so runs may not name dataset files: start it with "
+                "--data-dir DIR (or RACKSCOPE_DATA_DIR) and name a file inside DIR"
+            )
+        return load_dataset(config.dataset, config.dataset_format, root=settings.data_dir,
+                            max_bytes=settings.dataset_max_mib * 2**20)
+
+    def _checkpoint(self, model: str) -> str:
+        """What a checkpoint engine loads for a ``model`` a caller named: a path inside the data
+        directory when one is there, else a hub id; never any other path on this machine."""
+        data_dir = self.agent.settings.data_dir
+        relative = PurePosixPath(model)
+        if data_dir is not None and model and not relative.is_absolute() and ".." not in relative.parts:
+            root = os.path.realpath(data_dir)
+            real = os.path.realpath(os.path.join(root, model))
+            if real != root and os.path.commonpath([root, real]) == root and os.path.exists(real):
+                return real
+        if HUB_ID.fullmatch(model):
+            return model
+        raise ConfigError(
+            "model for the trtllm and hf engines must be a hub id (org/name) or a checkpoint inside the "
+            "agent's --data-dir"
+        )
+
+    def _reserve(self, run_id: str) -> Path:
+        """Claim ``<results dir>/<run id>.json`` by creating it exclusively (empty until the
+        record replaces it), so no run ever overwrites another's files."""
+        from rackscope.runner.results.io import requests_path
+
+        directory = Path(self.results_dir)
+        path = directory / f"{run_id}.json"
+        taken = RunConflict(f"run id {run_id} already used: its files are in the results directory")
+        if os.path.lexists(requests_path(path)):
+            raise taken
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            raise taken from None
+        except OSError as exc:
+            raise RunError(f"cannot write to the results directory: {exc.strerror or exc}") from exc
+        os.close(fd)
+        return path
+
+    # --- engines -------------------------------------------------------------------------
+    def _engine(self, config: RunConfig) -> Engine:
+        """The run's engine, from the engine registry: a simulated one runs on this node's own
+        simulated GPUs and clock; a checkpoint engine loads only what ``_checkpoint`` allows."""
+        from rackscope.runner.engines.registry import EngineOptions, build_engine
+
+        spec = engine_spec(config.engine)
+        options = EngineOptions(
+            clock=self.agent.clock,
+            gpus=self.agent.require_sim(f"the {spec.name} engine") if spec.simulated else None,
+            engine_slowdown=self.agent.engine_slowdown,
+        )
+        if spec.needs_checkpoint:
+            config = dataclasses.replace(config, model=self._checkpoint(config.model))
+        return build_engine(config, options).engine
+
+    def set_engine_slowdown(self, factor: float) -> None:
+        active = self.active
+        if active is not None and isinstance(active.engine, Slowable):
+            active.engine.engine_slowdown = factor
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def start(self, body: Mapping[str, Any]) -> RunState:
+        """Validate a request body, read its dataset, then start it if this agent is free."""
+        config, start_at = self.config_from_body(body)
+        dataset = await asyncio.to_thread(self.load_dataset, config) if config.dataset else None
+        return self._launch(config, start_at=start_at, dataset=dataset)
 
     def start_continuous(self, workload: str, *, concurrency: int = 256, rate: float | None = None) -> RunState:
         """Run the simulated engine on this node's own GPUs until the agent stops."""
@@ -144,11 +201,32 @@ class RunManager:
             body["concurrency"] = concurrency
         if workload == "server":
             body["rate"] = rate
-        return self.start(body, continuous=True)
+        config, _ = self.config_from_body(body)
+        return self._launch(config, continuous=True)
 
-    async def _execute(self, state: RunState, config: Any) -> None:
-        from rackscope.runner.results import write_run
-        from rackscope.runner.scenarios import run_scenario
+    def _launch(
+        self, config: RunConfig, *, start_at: float | None = None, dataset: Dataset | None = None,
+        continuous: bool = False,
+    ) -> RunState:
+        # Nothing awaits between these checks and registering the run: two starts cannot both pass.
+        run_id = config.run_id
+        assert run_id is not None
+        engine = self._engine(config)
+        if (active := self.active) is not None:
+            raise RunConflict(f"run {active.run_id} is {active.status}; cancel it or wait (one run per agent)")
+        if run_id in self.runs:
+            raise RunConflict(f"run id {run_id} already used on this agent")
+        state = RunState(run_id=run_id, config=config.to_dict(), continuous=continuous, start_at=start_at)
+        state.reserved = None if continuous else self._reserve(run_id)
+        state.engine = engine
+        self.runs[run_id] = state
+        state.task = asyncio.create_task(self._execute(state, config, dataset), name=f"run-{run_id}")
+        self._forget_old()
+        return state
+
+    async def _execute(self, state: RunState, config: RunConfig, dataset: Dataset | None) -> None:
+        from rackscope.runner.results.io import write_run
+        from rackscope.runner.runloop import run_scenario
 
         assert state.engine is not None
         engine = state.engine
@@ -160,30 +238,43 @@ class RunManager:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(state.cancel.wait(), delay)
             state.status, state.started_at = "running", time.time()
-            result = await run_scenario(
-                engine, config, energy=self.agent.energy_meter(), meter=self.agent.telemetry.meter, cancel=state.cancel
-            )
-            state.result, state.summary = result, result.summary
-            state.status = (
+            # The server's own metrics page is read while this run loads it (unless the operator
+            # named a page for the agent's whole life).
+            with self.agent.engine_metrics.follow(config.url if config.engine == "openai" else None, config.model):
+                result = await run_scenario(
+                    engine, config, energy=self.agent.energy_meter(), meter=self.agent.telemetry.meter,
+                    cancel=state.cancel, dataset=dataset,
+                )
+            final = (
                 "cancelled"
                 if state.cancel.is_set()
                 else ("completed" if result.summary.get("complete", True) else "failed")
             )
-            if not state.continuous:
-                path = Path(self.results_dir) / f"{state.run_id}.json"
-                await asyncio.to_thread(write_run, result, path)
-                state.record_path = str(path)
+            state.result, state.summary = result, result.summary
+            if state.reserved is not None:
+                await asyncio.to_thread(write_run, result, state.reserved)
+                state.record_path, state.reserved = str(state.reserved), None
+            # The status turns final last: whoever sees it (a rack coordinator polling) finds the
+            # record written and the end time set.
+            state.ended_at = time.time()
+            state.status = final
         except RackscopeError as exc:
-            state.status, state.error = "failed", str(exc)
-            log.error("run %s failed: %s", state.run_id, exc)
+            state.status, state.error = "failed", redact_in(str(exc), config.url)
+            log.error("run %s failed: %s", state.run_id, state.error)
         except asyncio.CancelledError:
             state.status = "cancelled"
             raise
         except Exception as exc:  # task boundary: a failing run must never take the agent down
-            state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
-            log.exception("run %s crashed", state.run_id)
+            state.status, state.error = "failed", redact_in(f"{type(exc).__name__}: {exc}", config.url)
+            # A traceback would repeat the message unredacted; without credentials, keep it.
+            log.error("run %s crashed: %s", state.run_id, state.error,
+                      exc_info=not (config.url and has_credentials(config.url)))
         finally:
-            state.ended_at = time.time()
+            if state.ended_at is None:
+                state.ended_at = time.time()
+            if state.reserved is not None:  # no record written: free the name it claimed
+                _release(state.reserved)
+                state.reserved = None
             with contextlib.suppress(Exception):
                 await engine.stop()
 
@@ -197,7 +288,11 @@ class RunManager:
         try:
             return self.runs[run_id]
         except KeyError:
-            raise HTTPException(status_code=404, detail=f"no run {run_id!r}") from None
+            raise RunNotFound(f"no run {run_id!r} on this agent") from None
+
+    def views(self) -> list[dict[str, Any]]:
+        """Every run this agent knows, newest first."""
+        return [r.view() for r in sorted(self.runs.values(), key=lambda r: -r.created_at)]
 
     def _forget_old(self) -> None:
         finished = [r for r in self.runs.values() if r.status not in ("pending", "running")]
@@ -214,43 +309,9 @@ class RunManager:
             for task in pending:
                 task.cancel()
 
-    # --- HTTP ----------------------------------------------------------------------------
-    def add_routes(self, app: FastAPI, mutating: Sequence[Depends]) -> None:
-        from rackscope.runner.results import requests_path
 
-        @app.post("/v1/runs", status_code=201, dependencies=list(mutating), summary="Start a benchmark run")
-        async def start_run(body: RunBody) -> dict[str, Any]:  # type: ignore[valid-type]
-            try:
-                return self.start(body.model_dump(exclude_none=True)).view()  # type: ignore[attr-defined]
-            except ConfigError as exc:
-                raise HTTPException(status_code=422, detail=str(exc)) from exc
-
-        @app.get("/v1/runs", summary="Runs this agent knows, newest first")
-        async def list_runs() -> list[dict[str, Any]]:
-            return [r.view() for r in sorted(self.runs.values(), key=lambda r: -r.created_at)]
-
-        @app.get("/v1/runs/{run_id}", summary="One run: status, config, summary")
-        async def get_run(run_id: str) -> dict[str, Any]:
-            return self.get(run_id).view()
-
-        @app.get("/v1/runs/{run_id}/record", summary="The finished run's record (schema rackscope.run/1)")
-        async def get_record(run_id: str) -> dict[str, Any]:
-            state = self.get(run_id)
-            if state.result is None:
-                raise HTTPException(status_code=409, detail=f"run {run_id} is {state.status}: no record yet")
-            name = Path(state.record_path).name if state.record_path else f"{run_id}.json"
-            # Building a big run's record takes a while: off the event loop the node keeps sampling.
-            return await asyncio.to_thread(state.result.to_record, requests_file=requests_path(Path(name)).name)
-
-        @app.get("/v1/runs/{run_id}/requests", summary="The finished run's per-request rows (JSON lines)")
-        async def get_requests(run_id: str) -> Response:
-            state = self.get(run_id)
-            if state.result is None:
-                raise HTTPException(status_code=409, detail=f"run {run_id} is {state.status}: no record yet")
-            result = state.result
-            body = await asyncio.to_thread(lambda: b"".join(orjson.dumps(r) + b"\n" for r in result.request_rows()))
-            return Response(content=body, media_type="application/x-ndjson")
-
-        @app.post("/v1/runs/{run_id}/cancel", dependencies=list(mutating), summary="Cancel a run")
-        async def cancel_run(run_id: str) -> dict[str, Any]:
-            return self.cancel(run_id).view()
+def _release(path: Path) -> None:
+    """Remove a claimed record name that never received its record (still empty)."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            path.unlink()

@@ -8,12 +8,21 @@ standard ``OTEL_*`` variable (where one exists) > default. Every variable is lis
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
+import re
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from rackscope.agent.engine_metrics.formats import FORMATS as ENGINE_METRICS_FORMATS
 from rackscope.errors import ConfigError
+from rackscope.runner.config import IDENTIFIER_PATTERN, IDENTIFIER_RULE
+from rackscope.runner.datasets import DEFAULT_DATASET_MAX_BYTES
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -33,7 +42,13 @@ ENV_VARS: dict[str, tuple[str, tuple[str, ...]]] = {
     "api_host": ("RACKSCOPE_API_HOST", ()),
     "api_port": ("RACKSCOPE_API_PORT", ()),
     "api_token": ("RACKSCOPE_API_TOKEN", ()),
+    "api_token_file": ("RACKSCOPE_API_TOKEN_FILE", ()),
+    "data_dir": ("RACKSCOPE_DATA_DIR", ()),
+    "dataset_max_mib": ("RACKSCOPE_DATASET_MAX_MIB", ()),
     "dcgm_url": ("RACKSCOPE_DCGM_URL", ()),
+    "dcgm_timeout_s": ("RACKSCOPE_DCGM_TIMEOUT", ()),
+    "engine_metrics_url": ("RACKSCOPE_ENGINE_METRICS", ()),
+    "engine_metrics_format": ("RACKSCOPE_ENGINE_METRICS_FORMAT", ()),
     "otlp_endpoint": (
         "RACKSCOPE_OTLP_ENDPOINT",
         ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
@@ -50,6 +65,10 @@ ENV_VARS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 # OTEL_* intervals and timeouts are milliseconds; ours are seconds.
 _OTEL_MILLISECONDS = {"otlp_interval_s", "otlp_timeout_s"}
+# The token travels in an HTTP header: visible ASCII, no spaces, of a sane length.
+TOKEN_PATTERN = re.compile(r"[\x21-\x7e]{1,4096}")
+MAX_TOKEN_FILE_BYTES = 65_536
+MAX_DATASET_MIB = 65_536
 
 
 @dataclass(frozen=True)
@@ -66,8 +85,16 @@ class AgentSettings:
     api_host: str = "127.0.0.1"
     api_port: int = 9470  # 0: any free port
     api_enabled: bool = True
-    api_token: str | None = None
+    api_token: str | None = field(default=None, repr=False)
+    api_token_file: str | None = None  # where api_token was read from, once at start
+    # Datasets named by API callers resolve only inside this directory; None: callers may name none.
+    data_dir: str | None = None
+    dataset_max_mib: int = DEFAULT_DATASET_MAX_BYTES // 2**20
     dcgm_url: str = "http://localhost:9400/metrics"
+    # The inference server's own metrics page (None: only a hosted openai run's server, while it runs).
+    engine_metrics_url: str | None = None
+    engine_metrics_format: str | None = None  # None: detected from the page
+    dcgm_timeout_s: float = 2.0  # one whole scrape; the source caps it below interval_s
     otlp_endpoint: str | None = None  # None: no OTLP export
     otlp_protocol: str = "http/protobuf"
     otlp_headers: str | None = None  # "k=v,k2=v2" as in OTEL_EXPORTER_OTLP_HEADERS
@@ -82,6 +109,17 @@ class AgentSettings:
             raise ConfigError(f"OTLP protocol must be one of {', '.join(OTLP_PROTOCOLS)}, not {self.otlp_protocol!r}")
         if not 0.05 <= self.interval_s <= 3600:
             raise ConfigError(f"--interval must be between 0.05 and 3600 seconds, not {self.interval_s}")
+        if not 0.01 <= self.dcgm_timeout_s <= 600:
+            raise ConfigError(f"--dcgm-timeout must be between 0.01 and 600 seconds, not {self.dcgm_timeout_s}")
+        if self.engine_metrics_format is not None and self.engine_metrics_format not in ENGINE_METRICS_FORMATS:
+            raise ConfigError(
+                f"--engine-metrics-format must be one of {', '.join(ENGINE_METRICS_FORMATS)}, "
+                f"not {self.engine_metrics_format!r}"
+            )
+        if self.engine_metrics_format is not None and self.engine_metrics_url is None:
+            raise ConfigError("--engine-metrics-format needs --engine-metrics URL")
+        if self.engine_metrics_url is not None and not _is_http_url(self.engine_metrics_url):
+            raise ConfigError(f"--engine-metrics must be an http:// or https:// URL, not {self.engine_metrics_url!r}")
         if self.gpus < 1 or self.gpus > 1024:
             raise ConfigError(f"--gpus must be between 1 and 1024, not {self.gpus}")
         if not 0.1 <= self.otlp_interval_s <= 3600:
@@ -92,14 +130,31 @@ class AgentSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a port number 0-65535, not {port}")
         if self.api_port and self.metrics_port and self.api_port == self.metrics_port:
             raise ConfigError("--api-port and --metrics-port must differ")
-        if not self.rack or not self.node:
-            raise ConfigError("--rack and --node must not be empty")
+        for name in ("rack", "node"):
+            if re.fullmatch(IDENTIFIER_PATTERN, getattr(self, name)) is None:
+                raise ConfigError(f"--{name} must be {IDENTIFIER_RULE}, not {getattr(self, name)[:40]!r}")
+        if self.api_token is not None and TOKEN_PATTERN.fullmatch(self.api_token) is None:
+            raise ConfigError("the API token must be 1-4096 visible ASCII characters (no spaces)")
+        if not 1 <= self.dataset_max_mib <= MAX_DATASET_MIB:
+            raise ConfigError(f"--dataset-max-mib must be between 1 and {MAX_DATASET_MIB}, not {self.dataset_max_mib}")
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"--data-dir {self.data_dir} is not a directory")
         if self.api_enabled and not is_loopback(self.api_host) and not self.api_token:
             raise ConfigError(
                 f"refusing to serve the control API on {self.api_host} without a token: "
                 "pass --api-token (or set RACKSCOPE_API_TOKEN), or bind 127.0.0.1"
             )
         return self
+
+
+def _is_http_url(url: str) -> bool:
+    from rackscope.peers import Target
+
+    try:
+        Target.parse(url)
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:
@@ -139,5 +194,48 @@ def resolve(args: Mapping[str, Any], env: Mapping[str, str], base: AgentSettings
     for name, value in args.items():  # settings that only flags set (no environment variable)
         if name not in ENV_VARS and name in base.__dataclass_fields__ and value is not None:
             values[name] = value
+    values.update(_token(args, env, base))
     merged = {**{f: getattr(base, f) for f in base.__dataclass_fields__}, **values}
     return AgentSettings(**merged).validate()
+
+
+def _token(args: Mapping[str, Any], env: Mapping[str, str], base: AgentSettings) -> dict[str, Any]:
+    """The API token from one source: the flags if either is given, else the variables; a
+    token and a token file from the same level is a mistake, not a precedence."""
+    token, path = args.get("api_token"), args.get("api_token_file")
+    where = "--api-token and --api-token-file"
+    if token is None and path is None:
+        token, path = env.get("RACKSCOPE_API_TOKEN") or None, env.get("RACKSCOPE_API_TOKEN_FILE") or None
+        where = "RACKSCOPE_API_TOKEN and RACKSCOPE_API_TOKEN_FILE"
+        if token is None and path is None:
+            return {"api_token": base.api_token, "api_token_file": base.api_token_file}
+    if token is not None and path is not None:
+        raise ConfigError(f"give the API token once: {where} are both set")
+    if path is None:
+        return {"api_token": token, "api_token_file": None}
+    return {"api_token": read_token_file(path), "api_token_file": path}
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path`` (surrounding whitespace stripped), read once at start."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"--api-token-file {path}: cannot read it: {exc.strerror or exc}") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ConfigError(f"--api-token-file {path} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        raw = handle.read(MAX_TOKEN_FILE_BYTES + 1)
+    if len(raw) > MAX_TOKEN_FILE_BYTES:
+        raise ConfigError(f"--api-token-file {path} is larger than {MAX_TOKEN_FILE_BYTES:,} bytes: not a token")
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"--api-token-file {path} holds more than ASCII text") from None
+    if not token:
+        raise ConfigError(f"--api-token-file {path} is empty")
+    if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("API token file %s is readable by other users (chmod 600 it)", path)
+    return token

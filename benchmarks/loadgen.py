@@ -18,18 +18,28 @@ gap to ``concurrency / rate``. Server and client are pinned to different cores w
 are at least 2. Timings on a shared machine are noisy: compare the ratios, not the absolute
 figures.
 
+``--baseline-tree DIR`` measures another revision of the code beside this one: DIR is a copy
+of the repository at that revision (``git worktree add DIR REV``, or ``git archive REV | tar
+-x -C DIR``). Its client runs through its own code in a child process whose imports resolve
+there, interleaved phase by phase with the current one, against the same server, and is
+printed as ``baseline``; ``vs baseline`` is its CPU per token over the current one's. Both
+sides then see the same machine load, which two separate runs on a shared machine do not.
+
     python benchmarks/loadgen.py            # about a minute
     python benchmarks/loadgen.py --quick    # a smoke run
+    python benchmarks/loadgen.py --concurrency 1 256 --baseline-tree ../old
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -118,6 +128,49 @@ def _aiohttp_main(conn: Connection, base_url: str, requests: list[Request], conc
         os.sched_setaffinity(0, {cpu})
     records, cpu_s = asyncio.run(_aiohttp_run(base_url, requests, concurrency))
     conn.send((records, cpu_s))
+
+
+# -- rackscope phases, in this process's code or in another copy of the repository --------------
+
+
+def _requests(tag: str, n: int, tokens: int, itl_ms: float, ttft_ms: float) -> list[Request]:
+    extra = {"itl_ms": itl_ms, "ttft_ms": ttft_ms}
+    return [Request(f"{tag}-{i}", prompt="benchmark prompt", max_output_tokens=tokens, extra=extra) for i in range(n)]
+
+
+def _run_phase(phase: dict[str, Any]) -> tuple[list[RequestRecord], float, float]:
+    """One phase through ``run_workers`` (the real code path): records, common start, client CPU."""
+    reqs = _requests(phase["tag"], phase["n"], phase["tokens"], phase["itl_ms"], phase["ttft_ms"])
+    factory = partial(OpenAIEngine, phase["base_url"], MODEL)
+    run = run_workers(reqs, factory, phase["workers"], concurrency=phase["concurrency"], cpus=phase["cpus"])
+    return run.records, run.start_s, sum(run.cpu_s)
+
+
+_RECORD_FIELDS = ("request_id", "start_s", "first_token_s", "end_s", "output_tokens", "ok", "itl_s")
+
+
+def _run_phase_in(tree: Path, phase: dict[str, Any]) -> tuple[list[RequestRecord], float, float]:
+    """The same phase in a child process whose ``rackscope`` is the one in ``tree``."""
+    env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", json.dumps(phase)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"baseline phase failed:\n{done.stderr}")
+    out = json.loads(done.stdout.splitlines()[-1])
+    if not Path(out["engine_file"]).resolve().is_relative_to(tree.resolve()):
+        # An installed copy took precedence: the comparison would be of this code with itself.
+        raise SystemExit(f"baseline imported {out['engine_file']}, not the copy in {tree}")
+    records = [RequestRecord(**dict(zip(_RECORD_FIELDS, row, strict=True))) for row in out["records"]]
+    return records, out["start_s"], out["cpu_s"]
+
+
+def _phase_main(spec: str) -> int:
+    """``--phase``: run one phase and print what ``_run_phase_in`` reads, as one JSON line."""
+    records, start_s, cpu_s = _run_phase(json.loads(spec))
+    rows = [[getattr(r, f) for f in _RECORD_FIELDS] for r in records]
+    engine_file = sys.modules[OpenAIEngine.__module__].__file__
+    print(json.dumps({"engine_file": engine_file, "start_s": start_s, "cpu_s": cpu_s, "records": rows}))
+    return 0
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -224,28 +277,32 @@ class Bench:
         return log
 
     def requests(self, tag: str, concurrency: int, itl_ms: float, n: int) -> list[Request]:
-        extra = {"itl_ms": itl_ms, "ttft_ms": self.args.ttft_ms}
-        return [
-            Request(f"{tag}-{i}", prompt="benchmark prompt", max_output_tokens=self.args.tokens, extra=extra)
-            for i in range(n)
-        ]
+        return _requests(tag, n, self.args.tokens, itl_ms, self.args.ttft_ms)
 
     def n_requests(self, concurrency: int) -> int:
         """Enough for ``duration`` seconds at ``rate``, in whole waves, at least two."""
         waves: int = math.ceil(self.args.rate * self.args.duration / self.args.tokens / concurrency)
         return max(2, waves) * concurrency
 
-    def rackscope(self, label: str, concurrency: int, itl_ms: float, workers: int = 1) -> Result:
-        reqs = self.requests(f"rs{workers}-{label}", concurrency, itl_ms, self.n_requests(concurrency))
+    def rackscope(
+        self, label: str, concurrency: int, itl_ms: float, workers: int = 1, tree: Path | None = None
+    ) -> Result:
+        """``tree``: run the client of that copy of the repository instead of this one."""
+        tag = f"{'base' if tree else 'rs'}{workers}-{label}"
+        phase = {
+            "base_url": self.base_url, "tag": tag, "concurrency": concurrency, "itl_ms": itl_ms,
+            "n": self.n_requests(concurrency), "tokens": self.args.tokens, "ttft_ms": self.args.ttft_ms,
+            "workers": workers, "cpus": self.client_cpus,
+        }  # fmt: skip
         self.server_log()  # drop what earlier phases left
-        factory = partial(OpenAIEngine, self.base_url, MODEL)
-        run = run_workers(reqs, factory, workers, concurrency=concurrency, cpus=self.client_cpus)
+        records, start_s, cpu_s = _run_phase(phase) if tree is None else _run_phase_in(tree, phase)
         log = self.server_log()
-        tokens = sum(r.output_tokens for r in run.records if r.ok)
-        wall_s = max(r.end_s or 0.0 for r in run.records) - run.start_s
-        ttft, itl, lag, burst, late, bad = _compare(run.records, log, concurrency, self.args.ttft_ms, itl_ms)
-        name = "rackscope" if workers == 1 else f"rackscope x{workers}"
-        return Result(label, name, tokens, wall_s, sum(run.cpu_s), ttft, itl, lag, burst, late, bad)
+        tokens = sum(r.output_tokens for r in records if r.ok)
+        wall_s = max(r.end_s or 0.0 for r in records) - start_s
+        ttft, itl, lag, burst, late, bad = _compare(records, log, concurrency, self.args.ttft_ms, itl_ms)
+        name = "baseline" if tree else "rackscope"
+        name += "" if workers == 1 else f" x{workers}"
+        return Result(label, name, tokens, wall_s, cpu_s, ttft, itl, lag, burst, late, bad)
 
     def aiohttp(self, label: str, concurrency: int, itl_ms: float) -> Result:
         reqs = self.requests(f"aio-{label}", concurrency, itl_ms, self.n_requests(concurrency))
@@ -264,10 +321,11 @@ class Bench:
         return Result(label, "aiohttp", tokens, wall_s, cpu_s, ttft, itl, lag, burst, late, bad)
 
 
-def _row(r: Result, baseline: Result | None) -> str:
+def _row(r: Result, baseline: Result | None, older: Result | None = None) -> str:
     ratio = f"{baseline.cpu_us_per_token / r.cpu_us_per_token:5.2f}x" if baseline and r is not baseline else "    - "
+    vs_old = f"{older.cpu_us_per_token / r.cpu_us_per_token:5.2f}x" if older else "    - "
     return (
-        f"{r.label:<14} {r.client:<13} {r.tokens_per_s:>9,.0f} {r.cpu_us_per_token:>8.2f} {ratio:>9} "
+        f"{r.label:<14} {r.client:<13} {r.tokens_per_s:>9,.0f} {r.cpu_us_per_token:>8.2f} {ratio:>9} {vs_old:>11} "
         f"{_mean_abs(r.ttft_err_ms):>7.3f} {_p99([abs(v) for v in r.ttft_err_ms]):>7.3f} "
         f"{_mean_abs(r.itl_err_ms):>7.3f} {_p99([abs(v) for v in r.itl_err_ms]):>7.3f} "
         f"{statistics.fmean(r.lag_ms) if r.lag_ms else math.nan:>7.3f} {_p99(r.lag_ms):>7.3f} "
@@ -283,7 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per phase, about")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--quick", action="store_true", help="short phases, for a smoke run")
+    parser.add_argument(
+        "--baseline-tree", type=Path, metavar="DIR",
+        help="a copy of the repository at another revision, measured beside this one (see above)",
+    )  # fmt: skip
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one phase, run in a baseline tree
     args = parser.parse_args(argv)
+    if args.phase:
+        return _phase_main(args.phase)
+    tree: Path | None = args.baseline_tree
+    if tree is not None and not (tree / "rackscope" / "__init__.py").is_file():
+        parser.error(f"--baseline-tree {tree} holds no rackscope package")
     if args.quick:
         args.duration = 0.3
         args.tokens = min(args.tokens, 64)
@@ -293,24 +361,29 @@ def main(argv: list[str] | None = None) -> int:
         f"server: {args.rate:,.0f} tokens/s in total, {args.tokens}-token streams, TTFT {args.ttft_ms} ms; "
         f"server on cpu {bench.server_cpu}, client on cpu {bench.client_cpus}; {os.cpu_count()} cpus"
     )
-    results: list[tuple[Result, Result | None]] = []
+    # (result, the aiohttp result of its phase, the baseline result it is compared with)
+    results: list[tuple[Result, Result | None, Result | None]] = []
+    sat_old: Result | None = None
     try:
         for c in args.concurrency:
             itl_ms = c / args.rate * 1e3
             base = bench.aiohttp(f"C={c}", c, itl_ms)
+            old = bench.rackscope(f"C={c}", c, itl_ms, tree=tree) if tree else None
             ours = bench.rackscope(f"C={c}", c, itl_ms)
-            results += [(base, None), (ours, base)]
+            results += [(base, None, None)] + ([(old, base, None)] if old else []) + [(ours, base, old)]
         c = max(args.concurrency)
         two = bench.rackscope(f"C={c}", c, c / args.rate * 1e3, workers=2)
-        results.append((two, None))
+        results.append((two, None, None))
         sat_itl_ms = 0.25
+        if tree:
+            sat_old = bench.rackscope("saturate", c, sat_itl_ms, workers=1, tree=tree)
         sat_one = bench.rackscope("saturate", c, sat_itl_ms, workers=1)
         sat_two = bench.rackscope("saturate", c, sat_itl_ms, workers=2)
     finally:
         server_cpu_s = bench.close()
 
     head = (
-        f"{'phase':<14} {'client':<13} {'tokens/s':>9} {'CPU us/t':>8} {'vs aiohttp':>9} "
+        f"{'phase':<14} {'client':<13} {'tokens/s':>9} {'CPU us/t':>8} {'vs aiohttp':>9} {'vs baseline':>11} "
         f"{'TTFTerr':>7} {'p99':>7} {'ITLerr':>7} {'p99':>7} {'lag':>7} {'p99':>7} {'srv late':>8} {'bad':>4}"
     )
     print()
@@ -319,10 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     print("       sends behind its own schedule (the errors are measured against the real sends)")
     print(head)
     print("-" * len(head))
-    for r, baseline in results:
-        print(_row(r, baseline))
+    for r, baseline, older in results:
+        print(_row(r, baseline, older))
     print()
-    for r, _ in results:
+    for r, _, _ in results:
         if r.burst_ttft_err_ms and r.label == f"C={max(args.concurrency)}":
             print(
                 f"{r.client:<13} first {len(r.burst_ttft_err_ms)} requests started at once: TTFT error mean "
@@ -336,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         f"2 workers {sat_two.tokens_per_s:,.0f} tokens/s at {sat_two.cpu_us_per_token:.2f} us/token "
         f"(x{sat_two.tokens_per_s / sat_one.tokens_per_s:.2f})"
     )
+    if sat_old is not None:
+        print(
+            f"  baseline, 1 worker: {sat_old.tokens_per_s:,.0f} tokens/s at {sat_old.cpu_us_per_token:.2f} us/token "
+            f"(its CPU per token / the current one's: {sat_old.cpu_us_per_token / sat_one.cpu_us_per_token:.2f})"
+        )
     if len(bench.client_cpus) < 2:
         print("  note: the workers share one core here (the server holds the other): overhead, not speed-up")
     print(f"server CPU over the run: {server_cpu_s:.1f} s")

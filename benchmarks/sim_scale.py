@@ -47,7 +47,7 @@ START_TIMEOUT_S = 120.0
 AGENT_IMPORTS = (
     "rackscope.agent.node", "rackscope.agent.api", "rackscope.agent.runs", "rackscope.agent.sources.sim",
     "rackscope.agent.telemetry",
-    "rackscope.runner.scenarios", "rackscope.runner.engines.sim", "fastapi", "uvicorn",
+    "rackscope.runner.runloop", "rackscope.runner.engines.sim", "fastapi", "uvicorn",
 )
 TOKENS_REPORT_S = 0.5  # the one-process rack reports its engines' token counters this often
 
@@ -193,6 +193,7 @@ async def rack_child(args: argparse.Namespace) -> None:
     import gc
 
     from rackscope.rack.demo import DEMO_GC_THRESHOLDS, DemoOptions, DemoRack
+    from rackscope.runner.engines.base import ReportsStats
 
     gc.freeze()  # as `rackscope demo` does
     gc.set_threshold(*DEMO_GC_THRESHOLDS)
@@ -213,8 +214,8 @@ async def rack_child(args: argparse.Namespace) -> None:
             # The engines' own counters: did the simulation keep up with the wall clock?
             tokens = 0
             for agent in rack.agents:
-                stats = getattr(agent.runs.active and agent.runs.active.engine, "stats", None)
-                tokens += stats().output_tokens if callable(stats) else 0
+                engine = agent.runs.active.engine if agent.runs.active is not None else None
+                tokens += engine.stats().output_tokens if isinstance(engine, ReportsStats) else 0
             print(f"tokens={tokens}", file=sys.stderr, flush=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TOKENS_REPORT_S)

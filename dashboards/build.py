@@ -47,7 +47,8 @@ def dashboard_json(dashboard: dict[str, Any]) -> str:
 
 
 def read_baselines(root: Path) -> dict[str, Any]:
-    """The hand-edited baseline rules (a rack's expected tokens/s and tokens per joule)."""
+    """The baseline rules (a rack's expected tokens/s and tokens per joule), as
+    `rackscope baseline set` or a hand edit left them."""
     path = root / RULES_DIR / rules.BASELINES_FILE
     try:
         doc: dict[str, Any] = yaml.safe_load(path.read_text())

@@ -1,4 +1,4 @@
-"""``rackscope dashboards``: build, check and push the Grafana dashboards and Prometheus rules."""
+"""``rackscope dashboards`` (build, check and push the dashboards and rules) and ``rackscope baseline``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       help="seconds to wait for /api/health to answer ok")
     push.add_argument("--timeout", dest="timeout_s", type=float, default=10.0, help="HTTP timeout per request, seconds")
     push.set_defaults(func=run)
+
+    from rackscope.dashboards import baselines
+
+    baselines.register(sub)  # `rackscope baseline set|show`: the baselines the regression alerts read
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,6 +27,11 @@ RUN_INFO = contract.RUN_INFO.prom_name
 TTFT_BUCKET = contract.TIME_TO_FIRST_TOKEN.prom_name + "_bucket"
 TPOT_BUCKET = contract.TIME_PER_OUTPUT_TOKEN.prom_name + "_bucket"
 DURATION_BUCKET = contract.OPERATION_DURATION.prom_name + "_bucket"
+# The inference server's own view, scraped by the agent from the server's metrics page.
+ENGINE_REQUESTS = contract.ENGINE_REQUESTS.prom_name
+ENGINE_KV_CACHE = contract.ENGINE_KV_CACHE_USAGE.prom_name
+ENGINE_TOKENS = contract.ENGINE_TOKENS.prom_name
+ENGINE_UP = contract.ENGINE_UP.prom_name
 
 # --- labels -------------------------------------------------------------------------------
 TOKEN_TYPE = prometheus_label("gen_ai.token.type")
@@ -35,6 +40,8 @@ ERROR_TYPE = prometheus_label("error.type")
 LINK = "link"
 REASON = "reason"
 OUTCOME = "outcome"
+STATE = "state"
+ENGINE_FORMAT = "format"
 
 # Label values the agent writes (agent/telemetry/series.py and agent/sources/base.py).
 OUTPUT_TOKENS = f'{TOKEN_TYPE}="output"'
@@ -45,6 +52,7 @@ POWER_THROTTLE_HW = f'{REASON}=~"hw_slowdown|hw_power_brake"'
 POWER_THROTTLE_SW = f'{REASON}="sw_power_cap"'
 THERMAL_THROTTLE = f'{REASON}=~"sw_thermal|hw_thermal"'
 NVLINK = f'{LINK}="nvlink"'
+WAITING = f'{STATE}="waiting"'
 
 # --- recording rules (dashboards/rules/rackscope.rules.yml) ------------------------------
 GPU_TPS = "rackscope:gpu_output_tokens_per_second"
@@ -57,13 +65,16 @@ RACK_POWER_KW = "rackscope:rack_power_kilowatts"
 NODE_TPJ = "rackscope:node_tokens_per_joule"
 RACK_TPJ = "rackscope:rack_tokens_per_joule"
 RACK_NODE_MEDIAN_TPJ = "rackscope:rack_node_median_tokens_per_joule"
-# Configured per rack in dashboards/rules/baselines.yml (edited by hand).
+# Output tokens/s as the inference server counted them, and over what the client counted.
+NODE_ENGINE_TPS = "rackscope:node_engine_output_tokens_per_second"
+NODE_ENGINE_OVER_CLIENT = "rackscope:node_engine_to_client_output_tokens_ratio"
+# Configured per rack in dashboards/rules/baselines.yml (`rackscope baseline set`, or by hand).
 RACK_BASELINE_TPS = "rackscope:rack_baseline_output_tokens_per_second"
 RACK_BASELINE_TPJ = "rackscope:rack_baseline_tokens_per_joule"
 
 RECORDED = (
     GPU_TPS, NODE_TPS, RACK_TPS, RACK_NODE_MEDIAN_TPS, GPU_POWER_W, NODE_POWER_W, RACK_POWER_KW,
-    NODE_TPJ, RACK_TPJ, RACK_NODE_MEDIAN_TPJ,
+    NODE_TPJ, RACK_TPJ, RACK_NODE_MEDIAN_TPJ, NODE_ENGINE_TPS, NODE_ENGINE_OVER_CLIENT,
 )
 
 # Job names whose `up` the target-down alert watches (direct agent scrape, the collector,

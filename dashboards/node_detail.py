@@ -1,5 +1,6 @@
 """The Node / GPU detail dashboard: power against its limit, temperature, clocks, throttle
-reasons, memory, NVLink per link and direction, XID and ECC errors of one node's GPUs."""
+reasons, memory, NVLink per link and direction, the inference server's own view (queue, KV
+cache, server- against client-counted tokens), XID and ECC errors of one node's GPUs."""
 
 from __future__ import annotations
 
@@ -79,6 +80,36 @@ def build() -> dict[str, Any]:
           "Bytes per second over each GPU link (nvlink, pcie, c2c); transmit above the axis, receive below.",
           [Q(f"rate({n.GPU_IO}{{{GPU}}}[$__rate_interval])",
              f"GPU {{{{gpu}}}} {{{{{n.LINK}}}}} {{{{{n.IO_DIRECTION}}}}}")], w=12, h=8)
+
+    b.row("Inference server")
+    b.add(p.graph_panel(), "Server queue: running and waiting", p.COUNT,
+          "Requests the inference server holds, from its own metrics page: running (in a batch) and "
+          "waiting (queued). A waiting queue that keeps rising fires the queue-growing alert.",
+          [Q(f"sum by (model, {n.STATE}) ({n.ENGINE_REQUESTS}{{{NODE}}})", f"{{{{model}}}} {{{{{n.STATE}}}}}")],
+          w=8, h=8)
+    b.add(p.graph_panel().min(0).max(1), "Server KV-cache usage", p.PERCENT_UNIT,
+          "Share of the inference server's KV cache in use, as the server reports it. Near 100 % the server "
+          "preempts or queues requests.",
+          [Q(f"{n.ENGINE_KV_CACHE}{{{NODE}}}", "{{model}}")], w=8, h=8)
+    b.add(p.stat_panel(graph=False).mappings([dm.ValueMap(options={
+        "0": dm.ValueMappingResult(text="STALE OR FAILING", color="red", index=0),
+        "1": dm.ValueMappingResult(text="FRESH", color="green", index=1),
+    })]), "Server metrics page", p.NONE,
+          "Whether the agent read and understood the inference server's metrics page recently "
+          "(rackscope_engine_up); the format it read is in the legend.",
+          [Q(f"max by ({n.ENGINE_FORMAT}) ({n.ENGINE_UP}{{{NODE}}})", f"{{{{{n.ENGINE_FORMAT}}}}}", instant=True)],
+          w=8, h=8)
+    b.add(p.graph_panel(), "Output tokens/s: client-counted vs server-counted", p.TOKENS_PER_S,
+          "Output tokens per second as the load generator counted them (rackscope:node_output_tokens_per_second) "
+          "and as the inference server counted them (rackscope:node_engine_output_tokens_per_second).",
+          [Q(f"{n.NODE_TPS}{{{NODE}}}", "client-counted"), Q(f"{n.NODE_ENGINE_TPS}{{{NODE}}}", "server-counted")],
+          w=16, h=8)
+    b.add(p.stat_panel().thresholds(p.thresholds((None, "red"), (0.99, "green"), (1.01, "red"))),
+          "Server-counted over client-counted tokens", p.PERCENT_UNIT,
+          "The server's output tokens/s over the client's (rackscope:node_engine_to_client_output_tokens_ratio). "
+          "On a healthy run the two agree within 1 %; a gap means lost streams, a miscounting client or a "
+          "server busy with other clients.",
+          [Q(f"{n.NODE_ENGINE_OVER_CLIENT}{{{NODE}}}")], w=8, h=8)
 
     b.row("Errors")
     b.add(p.graph_panel(), "XID, ECC and NVLink errors", p.COUNT,

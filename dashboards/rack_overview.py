@@ -1,5 +1,6 @@
 """The Rack overview dashboard: rack tokens/s against its baseline, stragglers, kW, tokens per
-joule, energy, NVLink, HBM, latency, requests, throttling, alerts and run annotations."""
+joule, energy, NVLink, HBM, latency, requests, the inference servers' queues and KV caches,
+throttling, alerts and run annotations."""
 
 from __future__ import annotations
 
@@ -171,6 +172,21 @@ def build() -> dict[str, Any]:
           "Output tokens per second of the selected nodes, split by model and engine.",
           [Q(f"sum by (model, engine) (rate({n.TOKENS}{{{MODEL}, {n.OUTPUT_TOKENS}}}[$__rate_interval]))",
              "{{model}} ({{engine}})")], w=8, h=8)
+
+    b.row("Inference servers")
+    b.add(p.graph_panel(), "Server queues per node", p.COUNT,
+          "Requests each node's inference server holds, from its own metrics page: waiting (queued) and "
+          "running (in a batch).",
+          [Q(f"sum by (node) ({n.ENGINE_REQUESTS}{{{NODE}, {n.WAITING}}})", "{{node}} waiting"),
+           Q(f'sum by (node) ({n.ENGINE_REQUESTS}{{{NODE}, {n.STATE}="running"}})', "{{node}} running")],
+          w=8, h=8)
+    b.add(p.graph_panel().min(0).max(1), "Server KV-cache usage per node", p.PERCENT_UNIT,
+          "Share of each inference server's KV cache in use, as the server reports it.",
+          [Q(f"max by (node) ({n.ENGINE_KV_CACHE}{{{NODE}}})", "{{node}}")], w=8, h=8)
+    b.add(p.graph_panel(), "Server-counted over client-counted tokens", p.PERCENT_UNIT,
+          "Each node's output tokens/s as its inference server counted them over what the load generator "
+          "counted (rackscope:node_engine_to_client_output_tokens_ratio); within 1 % of 100 % on a healthy run.",
+          [Q(f"{n.NODE_ENGINE_OVER_CLIENT}{{{NODE}}}", "{{node}}")], w=8, h=8)
 
     b.row("Runs")
     b.add(p.table_panel(), "Active runs", p.NONE,

@@ -12,115 +12,48 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rackscope.errors import ConfigError
+from rackscope.runner.config import add_flags, rack_settings, values_from_args
 
 if TYPE_CHECKING:
     from rackscope.rack.coordinator import RackRun
 
-EXIT_SIGTERM = 143
+# A signal stops the run the same way whichever it is; the exit status says which (128 + N).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-# RunConfig fields a rack run forwards, by flag destination. Node identity (rack, node) and
-# the GPU description come from each agent, never from the coordinator.
-RUN_FIELDS = (
-    "engine",
-    "model",
-    "scenario",
-    "requests",
-    "duration_s",
-    "concurrency",
-    "rate",
-    "sweep",
-    "sweep_over",
-    "preset",
-    "ttft_limit_s",
-    "tpot_limit_s",
-    "offline_inflight",
-    "input_len",
-    "output_len",
-    "length_dist",
-    "length_spread",
-    "dataset",
-    "dataset_format",
-    "seed",
-    "url",
-    "api",
-    "request_timeout_s",
-)
+# RunConfig fields a rack run forwards (declared in runner.config). Node identity (rack, node)
+# and the GPU description come from each agent, never from the coordinator.
+RUN_FIELDS = rack_settings()
 
 
 def add_scenario_flags(p: argparse.ArgumentParser) -> None:
-    """The workload flags of ``rackscope run`` that make sense for every node of a rack."""
-    from rackscope.runner.cli import parse_seconds, parse_warmup
-    from rackscope.runner.datasets import DISTRIBUTIONS, FILE_FORMATS
-    from rackscope.runner.scenarios import APIS, ENGINES, PRESETS, SCENARIOS, SWEEP_OVER, RunConfig
-
-    d = RunConfig(node="-")
+    """The workload flags of ``rackscope run`` that make sense for every node of a rack: the
+    same flags, parsers, bounds and choices, from the one declaration."""
     w = p.add_argument_group("workload (sent to every agent)")
-    w.add_argument("--engine", choices=ENGINES, default=d.engine, help="engine each agent drives")
-    w.add_argument("--model", default=d.model, help="model name")
-    w.add_argument("--scenario", choices=SCENARIOS, default=d.scenario, help="benchmark scenario")
-    w.add_argument(
-        "--duration",
-        dest="duration_s",
-        type=parse_seconds,
-        metavar="SECONDS",
-        help="measured seconds per node, e.g. 60 or 5m (None: until --requests)",
-    )
-    w.add_argument("--requests", type=int, help="measured requests per node")
-    w.add_argument(
-        "--warmup",
-        type=parse_warmup,
-        default=("auto", 0.0),
-        metavar="N|Ns|auto|0",
-        help="warm-up excluded from results: N requests, N seconds (5s), auto (duration-bounded offline "
-        "runs start measuring when the output rate stops climbing) or 0",
-    )
-    w.add_argument("--concurrency", type=int, help="requests in flight (concurrency scenario)")
-    w.add_argument("--rate", type=float, help="arrivals per second per node (server scenario)")
-    w.add_argument("--sweep", help="comma-separated points of a sweep, e.g. 1,8,64")
-    w.add_argument("--sweep-over", choices=SWEEP_OVER, default=d.sweep_over, help="what a sweep varies")
-    w.add_argument("--preset", choices=sorted(PRESETS), help="latency limits preset")
-    w.add_argument("--ttft-limit", dest="ttft_limit_s", type=float, help="p99 TTFT limit, seconds")
-    w.add_argument("--tpot-limit", dest="tpot_limit_s", type=float, help="p99 TPOT limit, seconds")
-    w.add_argument("--offline-inflight", type=int, help="cap on requests in flight (offline; None: the engine's)")
-    w.add_argument("--input-len", type=int, default=d.input_len, help="prompt tokens")
-    w.add_argument("--output-len", type=int, default=d.output_len, help="output tokens")
-    w.add_argument("--length-dist", choices=DISTRIBUTIONS, default=d.length_dist, help="length distribution")
-    w.add_argument("--length-spread", type=float, default=d.length_spread, help="relative spread of lengths")
-    w.add_argument("--dataset", help="dataset file, as a path on each agent's machine")
-    w.add_argument("--dataset-format", choices=FILE_FORMATS, default=d.dataset_format, help="dataset format")
-    w.add_argument("--seed", type=int, default=d.seed, help="workload seed")
-    w.add_argument("--url", help="server URL for the openai engine, as each agent reaches it")
-    w.add_argument("--api", choices=APIS, default=d.api, help="OpenAI API flavour")
-    w.add_argument(
-        "--request-timeout",
-        dest="request_timeout_s",
-        type=float,
-        default=d.request_timeout_s,
-        help="per-request timeout, seconds",
-    )
+    add_flags(lambda _group: w, RUN_FIELDS)
 
 
 def run_body(args: argparse.Namespace) -> dict[str, Any]:
     """The run config sent to every agent, validated here first so bad flags exit 2 before
     any agent is contacted."""
-    from rackscope.runner.scenarios import RunConfig
+    from rackscope.runner.config import RunConfig
 
-    body = {name: getattr(args, name) for name in RUN_FIELDS if getattr(args, name, None) is not None}
+    given = values_from_args(args, RUN_FIELDS)
+    body = {name: list(v) if isinstance(v, tuple) else v for name, v in given.items() if v is not None and v != ()}
     if args.requests is None and args.duration_s is None and args.dataset is None:
         raise ConfigError("say how long to run: --requests N and/or --duration SECONDS")
-    kind, amount = args.warmup
-    body["warmup_auto"] = kind == "auto"
-    if kind == "requests":
-        body["warmup_requests"] = int(amount)
-    elif kind == "seconds":
-        body["warmup_s"] = amount
     RunConfig.from_dict({**body, "rack": "r", "node": "n"})  # raises ConfigError
     return body
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from rackscope.cli import HelpFormatter
-    from rackscope.rack.coordinator import DEFAULT_LOST_AFTER_S, DEFAULT_POLL_INTERVAL_S, DEFAULT_STRAGGLER_THRESHOLD
+    from rackscope.rack.spec import (
+        DEFAULT_CALL_TIMEOUT_S,
+        DEFAULT_COLLECT_TIMEOUT_S,
+        DEFAULT_LOST_AFTER_S,
+        DEFAULT_POLL_INTERVAL_S,
+        DEFAULT_STRAGGLER_THRESHOLD,
+    )
 
     rack = sub.add_parser(
         "rack",
@@ -178,6 +111,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(default: 1.5 x --duration + 60 for timed runs, none otherwise)",
     )
     c.add_argument(
+        "--call-timeout",
+        dest="call_timeout_s",
+        type=float,
+        default=DEFAULT_CALL_TIMEOUT_S,
+        help="seconds each call to an agent (probe, start, poll, cancel, log) may take, answer and all; "
+        "an agent that takes longer is marked failed, naming the call",
+    )
+    c.add_argument(
+        "--collect-timeout",
+        dest="collect_timeout_s",
+        type=float,
+        default=DEFAULT_COLLECT_TIMEOUT_S,
+        help="seconds a finished node's record, and separately its per-request rows, may take to download",
+    )
+    c.add_argument(
         "--straggler-threshold",
         type=float,
         default=DEFAULT_STRAGGLER_THRESHOLD,
@@ -194,8 +142,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run_rack(args: argparse.Namespace) -> int:
     import uuid
 
-    from rackscope.rack.coordinator import RackRun, RackRunSpec, default_output_dir, exit_code, parse_agents
-    from rackscope.runner.results import dumps
+    from rackscope.fileio import dumps
+    from rackscope.rack.coordinator import RackRun
+    from rackscope.rack.record import exit_code
+    from rackscope.rack.spec import RackRunSpec, default_output_dir, parse_agents
 
     agents = parse_agents(args.agents, args.agents_file)
     body = run_body(args)
@@ -212,17 +162,16 @@ def run_rack(args: argparse.Namespace) -> int:
         lead_time_s=args.lead_time_s,
         poll_interval_s=args.poll_interval_s,
         lost_after_s=args.lost_after_s,
+        call_timeout_s=args.call_timeout_s,
+        collect_timeout_s=args.collect_timeout_s,
         timeout_s=args.timeout_s,
         straggler_threshold=args.straggler_threshold,
     )
-    try:
-        record = asyncio.run(_run_until_signalled(RackRun(spec)))
-    except asyncio.CancelledError:
-        print(f"rackscope rack run: stopped by SIGTERM; what was collected is in {output}", file=sys.stderr)
-        return EXIT_SIGTERM
-    except KeyboardInterrupt:
-        print(f"rackscope rack run: interrupted; what was collected is in {output}", file=sys.stderr)
-        raise
+    record, signum = asyncio.run(_run_until_signalled(RackRun(spec)))
+    if record is None:
+        name = signal.Signals(signum or signal.SIGINT).name
+        print(f"rackscope rack run: stopped by {name}; what was collected is in {output}", file=sys.stderr)
+        return 128 + (signum or signal.SIGINT)
     if args.json:
         sys.stdout.buffer.write(dumps(record))
         sys.stdout.flush()
@@ -233,12 +182,24 @@ def run_rack(args: argparse.Namespace) -> int:
     return exit_code(record)
 
 
-async def _run_until_signalled(coordinator: RackRun) -> dict[str, Any]:
-    """SIGTERM stops the run the way Ctrl-C does: runs cancelled, the bundle kept."""
+async def _run_until_signalled(coordinator: RackRun) -> tuple[dict[str, Any] | None, int | None]:
+    """The rack record, or the signal that stopped the run. SIGINT and SIGTERM alike cancel the
+    agents' runs and finalize the bundle; a second signal stops waiting for the agents' answers."""
     loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(coordinator.run())
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        received.append(signum)
+        coordinator.interrupt(f"interrupted by {signal.Signals(signum).name}")
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop, signum)
     try:
-        return await task
+        return await coordinator.run(), None
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        return None, received[0]
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)

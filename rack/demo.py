@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from rackscope.errors import ConfigError
+from rackscope.runner.engines.base import ReportsStats
 
 if TYPE_CHECKING:
     from rackscope.agent.faults import Fault
@@ -255,9 +256,8 @@ class LiveSampler:
 
     def _tokens(self, agent: NodeAgent) -> float:
         state = agent.runs.runs.get(self.run_id)
-        engine = getattr(state, "engine", None) if state is not None else None
-        stats = getattr(engine, "stats", None)
-        return float(stats().output_tokens) if callable(stats) else 0.0
+        engine = state.engine if state is not None else None
+        return float(engine.stats().output_tokens) if isinstance(engine, ReportsStats) else 0.0
 
     def sample(self, coordinator: RackRun | None, phase: str, elapsed_s: float) -> RackLive:
         from rackscope.rack.demo_view import NodeLive, RackLive
@@ -325,7 +325,8 @@ async def run_demo(
 ) -> dict[str, Any]:
     """Start the rack, inject faults, run the offline workload across it, return the rack
     record. ``info`` gets endpoints and progress; ``out`` the view (when a TUI is wanted)."""
-    from rackscope.rack.coordinator import RackRun, RackRunSpec
+    from rackscope.rack.coordinator import RackRun
+    from rackscope.rack.spec import RackRunSpec
 
     opts.validate()
     out = out or sys.stdout
@@ -346,7 +347,7 @@ async def run_demo(
             print("Prometheus endpoints: " + " ".join(f"http://{t}/metrics" for t in targets), file=info)
             print("Prometheus scrape config:\n" + scrape_config(targets), file=info, flush=True)
             if opts.output is not None:
-                from rackscope.rack.coordinator import Bundle
+                from rackscope.rack.bundle import Bundle
 
                 Bundle(bundle_dir).write_bytes("prometheus.yml", scrape_config(targets).encode())
             for nf in faults:
@@ -363,8 +364,8 @@ async def run_demo(
                 await _watch(task, coordinator, sampler, opts, out, info, on_frame)
                 record = await task
             except asyncio.CancelledError:
-                # Ctrl-C: let the coordinator cancel the runs and save what it has.
-                task.cancel()
+                # Ctrl-C: let the coordinator cancel the runs and finalize the bundle.
+                coordinator.interrupt("interrupted by SIGINT")
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
                 raise
@@ -484,8 +485,8 @@ def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    from rackscope.rack.coordinator import exit_code
-    from rackscope.runner.results import dumps
+    from rackscope.fileio import dumps
+    from rackscope.rack.record import exit_code
 
     opts = DemoOptions(
         nodes=args.nodes,

@@ -1,9 +1,9 @@
 """The ``rackscope`` command: one entry point, a subcommand per job.
 
-Each subcommand lives in the package that owns it and exposes ``register(subparsers)``,
-which adds its parser and sets ``func`` to a ``(argparse.Namespace) -> int`` runner. Command
-modules import their heavy dependencies inside that function so ``rackscope --help`` stays
-fast.
+Each package wires its subcommands in its own ``cli`` module, which exposes
+``register(subparsers)``: it adds the parsers and sets each ``func`` to a
+``(argparse.Namespace) -> int`` runner. Command modules import their heavy dependencies inside
+those functions so ``rackscope --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,21 +11,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from rackscope import __version__
 from rackscope.errors import ConfigError, RackscopeError
+from rackscope.logs import formatter
 
-# One module per subcommand; each exposes register(subparsers).
+# Each package's command wiring; each exposes register(subparsers).
 COMMAND_MODULES = [
     "rackscope.agent.cli",  # agent
     "rackscope.dashboards.cli",  # dashboards build|check|push
-    "rackscope.runner.cli",  # run, compare
+    "rackscope.runner.cli",  # run, compare, report, serve-sim
     "rackscope.rack.cli",  # rack run, demo
-    "rackscope.runner.report",  # report
-    "rackscope.runner.serve_sim",  # serve-sim
 ]
+
+
+# 128 + SIGPIPE, what a shell reports for a writer whose reader left.
+BROKEN_PIPE_EXIT = 141
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -51,11 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter())
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     try:
         code: int = args.func(args)
     except ConfigError as exc:
@@ -66,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read our output went away (`rackscope compare ... | head`): not our error.
+        # Point stdout at /dev/null so the interpreter's last flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
     return code
 
 

@@ -180,6 +180,39 @@ RUN_INFO = MetricDef(
     (*IDENTITY, "run_id", "scenario", "model", "engine"),
 )
 
+# --- the inference engine's own view (its metrics page, scraped by the agent) -------------
+# One series per server and model, not per GPU: the engine counts for all the GPUs it drives.
+ENGINE_ATTRS = (*IDENTITY, "model")
+ENGINE_REQUESTS = MetricDef(
+    "rackscope.engine.requests",
+    Kind.GAUGE,
+    "{request}",
+    "Requests the inference server holds, by state (running: in a batch; waiting: queued)",
+    (*ENGINE_ATTRS, "state"),
+)
+ENGINE_KV_CACHE_USAGE = MetricDef(
+    "rackscope.engine.kv_cache.usage",
+    Kind.GAUGE,
+    "1",
+    "Fraction of the inference server's KV cache in use (0-1)",
+    ENGINE_ATTRS,
+)
+ENGINE_TOKENS = MetricDef(
+    "rackscope.engine.tokens",
+    Kind.COUNTER,
+    "{token}",
+    "Tokens the inference server counted (input: prompt; output: generated)",
+    (*ENGINE_ATTRS, "gen_ai.token.type"),
+)
+ENGINE_UP = MetricDef(
+    "rackscope.engine.up",
+    Kind.GAUGE,
+    "",
+    "1 while the inference server's metrics page was read and understood recently; 0 when stale or failing",
+    (*IDENTITY, "format"),
+)
+ENGINE_STATES = ("running", "waiting")  # values of the state attribute of rackscope.engine.requests
+
 GPU_METRICS = (
     HW_POWER,
     HW_ENERGY,
@@ -196,7 +229,8 @@ GPU_METRICS = (
 )
 AGENT_METRICS = (NODE_INFO, COLLECTION_DURATION, COLLECTION_ERRORS, EXPORT_FAILURES)
 WORKLOAD_METRICS = (TOKENS, REQUESTS, OPERATION_DURATION, TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN, RUN_INFO)
-ALL_METRICS = GPU_METRICS + AGENT_METRICS + WORKLOAD_METRICS
+ENGINE_METRICS = (ENGINE_REQUESTS, ENGINE_KV_CACHE_USAGE, ENGINE_TOKENS, ENGINE_UP)
+ALL_METRICS = GPU_METRICS + AGENT_METRICS + WORKLOAD_METRICS + ENGINE_METRICS
 
 # --- the OTel -> Prometheus name translation --------------------------------------------
 # Mirrors the collector's translator (pkg/translator/prometheus, "normalize" with suffixes):

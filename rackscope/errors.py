@@ -7,8 +7,10 @@
     ├── EngineUnavailable           an engine cannot start here (missing extra, server down)
     ├── EngineError                 an engine failed while running
     ├── RunError                    a run could not be carried out
-    │   └── RunConflict             another run already holds this agent
+    │   ├── RunConflict             another run already holds this agent, or the run id is taken
+    │   └── RunNotFound             no run of that id on this agent
     ├── ResultError                 a result file is missing or malformed
+    ├── PeerError                   a peer (exporter, server, agent) answered wrongly, too much or too slowly
     └── GrafanaError                Grafana unreachable or refused a request (dashboards push)
 
 Third-party errors are translated at the edge with ``raise X(...) from exc`` so callers see
@@ -51,11 +53,20 @@ class RunError(RackscopeError):
 
 
 class RunConflict(RunError):
-    """Another run is already active on this agent."""
+    """Another run is already active on this agent, or its run id is already used."""
+
+
+class RunNotFound(RunError):
+    """No run of that id on this agent."""
 
 
 class ResultError(RackscopeError):
     """A result or report file is missing or malformed."""
+
+
+class PeerError(RackscopeError):
+    """A peer (dcgm-exporter, an inference server, another agent) was unreachable, too slow,
+    sent too much or sent something malformed; callers translate it to their own error."""
 
 
 class GrafanaError(RackscopeError):

@@ -9,11 +9,14 @@ for engines that take ids, or only its lengths for the simulated engine.
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import random
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import orjson
@@ -24,6 +27,11 @@ from rackscope.runner.jsonl import read_objects
 
 DISTRIBUTIONS = ("fixed", "uniform", "normal", "lognormal")
 FILE_FORMATS = ("jsonl", "trtllm")
+# Longest prompt or output of one request, in tokens (the run settings' bound on lengths too):
+# far beyond any model's context today, yet a drawn or read length can never ask for more.
+MAX_SEQUENCE_TOKENS = 1_048_576
+# Largest dataset file read, unless the caller allows more (the agent's --dataset-max-mib).
+DEFAULT_DATASET_MAX_BYTES = 256 * 1024 * 1024
 
 # Words that are a single token (with their leading space) in the Llama 2/3 and GPT-4
 # tokenisers; short and common so no tokeniser splits them.
@@ -108,7 +116,7 @@ def draw_length(rng: random.Random, mean: float, distribution: str, spread: floa
         value = rng.lognormvariate(math.log(mean) - sigma * sigma / 2.0, sigma)
     else:
         raise ConfigError(f"length distribution must be one of {', '.join(DISTRIBUTIONS)}, not {distribution!r}")
-    return max(1, round(value))
+    return min(MAX_SEQUENCE_TOKENS, max(1, round(value)))
 
 
 def words_prompt(rng: random.Random, n_tokens: int) -> str:
@@ -242,14 +250,106 @@ def estimate_tokens(text: str) -> int:
     return max(1, round(len(text.split()) * 1.3))
 
 
-def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    return read_objects(path, ConfigError, "dataset")
+# --- opening dataset files -------------------------------------------------------------------
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not block the open
+
+
+def open_file(path: str | Path, max_bytes: int = DEFAULT_DATASET_MAX_BYTES) -> io.BufferedReader:
+    """Open a dataset file the local user named (symbolic links followed): only a regular file
+    of at most ``max_bytes``, checked on the opened descriptor so it cannot change in between."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:
+        raise ConfigError(f"cannot read dataset {path}: {exc.strerror or exc}") from exc
+    return _checked(fd, str(path), max_bytes)
+
+
+def open_inside(root: str | Path, name: str, max_bytes: int = DEFAULT_DATASET_MAX_BYTES) -> io.BufferedReader:
+    """Open ``name``, a path relative to the directory ``root``, for a caller who may read only
+    inside it: no absolute paths, no ``..``, no symbolic link that leads out of ``root``; then
+    the checks of ``open_file``. Each directory on the way is opened without following links
+    (its real path was checked first), so swapping one for a link while this runs fails."""
+    if not name or "\x00" in name:
+        raise ConfigError("dataset must be a non-empty file name")
+    relative = PurePosixPath(name)
+    if relative.is_absolute():
+        raise ConfigError("dataset must be a path relative to the agent's data directory, not an absolute path")
+    if ".." in relative.parts:
+        raise ConfigError("dataset must not contain '..': name a file inside the agent's data directory")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, name))
+    if real == real_root or os.path.commonpath([real_root, real]) != real_root:
+        raise ConfigError(f"dataset {name} resolves outside the agent's data directory (a symbolic link leaving it?)")
+    parts = PurePosixPath(os.path.relpath(real, real_root)).parts
+    try:
+        dir_fd = os.open(real_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the data directory: {exc.strerror or exc}") from exc
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            os.close(dir_fd)
+            dir_fd = inner
+        fd = os.open(parts[-1], _READ_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as exc:
+        raise ConfigError(f"cannot read dataset {name}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(dir_fd)
+    return _checked(fd, name, max_bytes)
+
+
+def _checked(fd: int, name: str, max_bytes: int) -> io.BufferedReader:
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"dataset {name} is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"dataset {name} is not a regular file (a device, FIFO or socket)")
+        if info.st_size > max_bytes:
+            raise ConfigError(
+                f"dataset {name} is {info.st_size:,} bytes; the limit is {max_bytes:,} (--dataset-max-mib)"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return io.BufferedReader(_CappedReader(fd, name, max_bytes))
+
+
+class _CappedReader(io.RawIOBase):
+    """A file descriptor read up to a byte limit: a file that grows after it was checked ends
+    the read with an error instead of being read on."""
+
+    def __init__(self, fd: int, name: str, max_bytes: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.name_shown = name
+        self.left = max_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = os.read(self.fd, min(len(view), self.left + 1))
+        if len(data) > self.left:
+            raise ConfigError(f"dataset {self.name_shown} grew past its size limit while being read")
+        self.left -= len(data)
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
 
 
 def _positive_int(path: Path, lineno: int, obj: dict[str, Any], key: str) -> int:
     value = obj[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{path}:{lineno}: {key!r} must be a positive integer, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQUENCE_TOKENS:
+        raise ConfigError(
+            f"{path}:{lineno}: {key!r} must be a positive integer of at most {MAX_SEQUENCE_TOKENS:,}, not {value!r}"
+        )
     return value
 
 
@@ -276,20 +376,34 @@ def _trtllm_sample(path: Path, lineno: int, obj: dict[str, Any]) -> Sample:
     if ids is not None:
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise ConfigError(f"{path}:{lineno}: 'input_ids' must be a non-empty list of integers")
+        if len(ids) > MAX_SEQUENCE_TOKENS:
+            raise ConfigError(f"{path}:{lineno}: 'input_ids' holds more than {MAX_SEQUENCE_TOKENS:,} tokens")
         return Sample(prompt if isinstance(prompt, str) else None, tuple(ids), len(ids), out, str(obj["task_id"]))
     if not isinstance(prompt, str) or not prompt:
         raise ConfigError(f"{path}:{lineno}: trtllm-bench lines need 'prompt' (a string) or 'input_ids'")
     return Sample(prompt, None, estimate_tokens(prompt), out, str(obj["task_id"]))
 
 
-def load_dataset(path: str | Path, fmt: str = "jsonl") -> FileDataset:
+def load_dataset(
+    path: str | Path,
+    fmt: str = "jsonl",
+    *,
+    root: str | Path | None = None,
+    max_bytes: int = DEFAULT_DATASET_MAX_BYTES,
+) -> FileDataset:
     """Read a JSONL prompt file (``{"prompt", "max_tokens" | "output_tokens"}``) or a
-    trtllm-bench dataset (``{"task_id", "prompt" | "input_ids", "output_tokens"}``)."""
-    path = Path(path)
+    trtllm-bench dataset (``{"task_id", "prompt" | "input_ids", "output_tokens"}``).
+
+    With ``root``, ``path`` names a file inside that directory (``open_inside``): what a remote
+    caller may name. Either way only a regular file of at most ``max_bytes`` is read."""
     if fmt not in FILE_FORMATS:
         raise ConfigError(f"--dataset-format must be one of {', '.join(FILE_FORMATS)}, not {fmt!r}")
+    handle = open_file(path, max_bytes) if root is None else open_inside(root, str(path), max_bytes)
+    path = Path(path)
     parse = _prompt_sample if fmt == "jsonl" else _trtllm_sample
-    return FileDataset(path, fmt, [parse(path, lineno, obj) for lineno, obj in _lines(path)])
+    with handle:
+        samples = [parse(path, lineno, obj) for lineno, obj in read_objects(path, ConfigError, "dataset", handle)]
+    return FileDataset(path, fmt, samples)
 
 
 def trtllm_lines(dataset: SyntheticDataset | FileDataset, count: int) -> Iterator[bytes]:

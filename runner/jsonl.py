@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -12,14 +12,16 @@ from rackscope.errors import RackscopeError
 
 
 def read_objects(
-    path: Path, error: type[RackscopeError], what: str = ""
+    path: Path, error: type[RackscopeError], what: str = "", handle: IO[bytes] | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line; anything else raises ``error`` naming
-    the file (as ``what``, e.g. "dataset") and line."""
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise error(f"cannot read {what + ' ' if what else ''}{path}: {exc.strerror or exc}") from exc
+    the file (as ``what``, e.g. "dataset") and line. ``handle``: the file already opened (and
+    checked) by the caller, read instead of opening ``path``."""
+    if handle is None:
+        try:
+            handle = path.open("rb")
+        except OSError as exc:
+            raise error(f"cannot read {what + ' ' if what else ''}{path}: {exc.strerror or exc}") from exc
     with handle:
         for lineno, raw in enumerate(handle, start=1):
             if not raw.strip():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# error_type of a request the runner stopped (deadline, cancel or stop): neither completed nor failed.
+CANCELLED = "cancelled"
+
 
 @dataclass(slots=True)
 class RequestRecord:

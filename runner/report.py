@@ -8,16 +8,17 @@ and tokens per joule per node (per GPU for a single-node run).
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rackscope.errors import ResultError
-from rackscope.runner.results import atomic_writer, check_schema, load_json, load_requests, load_run, percentile
+from rackscope.fileio import atomic_writer
+from rackscope.jsontypes import JsonDict
+from rackscope.runner.results.io import check_schema, load_json, load_requests, load_run
+from rackscope.runner.results.stats import percentile
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -28,8 +29,6 @@ CDF_MAX_POINTS = 2_000  # a CDF line needs no more points than a figure has pixe
 LEGEND_MAX_ENTRIES = 24
 LATENCY_PANELS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT / ITL"), ("e2e_s", "end-to-end latency"))
 PNG_DPI = 110
-
-JsonDict = dict[str, Any]
 
 
 @dataclass
@@ -443,7 +442,11 @@ PLOTS = (
 
 def write_report(record_path: str | Path, output_dir: str | Path | None = None) -> list[Path]:
     """Write the PNGs and ``report.md``; returns the files written (Markdown last)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        # Plots belong to the operator's machine: the node agent's core install leaves them out.
+        raise ResultError("rackscope report draws with matplotlib: pip install 'rackscope[plots]'") from exc
 
     matplotlib.use("Agg")
     data = load_input(record_path)
@@ -471,33 +474,3 @@ def write_report(record_path: str | Path, output_dir: str | Path | None = None) 
 def default_output(record_path: Path) -> Path:
     stem = record_path.name.removesuffix(".json")
     return record_path.parent / f"{stem}-report"
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from rackscope.cli import HelpFormatter
-
-    p = sub.add_parser(
-        "report",
-        help="plots and a Markdown summary of a run or rack record",
-        formatter_class=HelpFormatter,
-        description=(
-            "Write PNG plots (throughput over time per node, latency CDFs, power against\n"
-            "throughput, tokens per joule per node) and report.md beside them, from a run record\n"
-            "(rackscope.run/1, with its .requests.jsonl) or a rack record (rackscope.rack/1, read\n"
-            "inside its results bundle)."
-        ),
-    )
-    p.add_argument("record", help="run or rack record (JSON)")
-    p.add_argument("--output", default=None, help="folder for the report (default: RECORD-report beside the record)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        files = write_report(args.record, args.output)
-    except ResultError as exc:
-        print(f"rackscope report: error: {exc}", file=sys.stderr)
-        return 2
-    for f in files:
-        print(f)
-    return 0

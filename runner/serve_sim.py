@@ -2,10 +2,11 @@
 
 A stand-in for trtllm-serve or vLLM that needs no GPU: ``POST /v1/completions`` and
 ``POST /v1/chat/completions`` (streaming as server-sent events, one chunk per token, or one
-JSON answer), ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus text). The
-timing comes from ``SimEngine`` on the wall clock, so a load generator pointed at it sees
-the TTFT, TPOT and throughput of the simulated GPUs. Every answer is labelled simulated
-(``owned_by``, the ``rackscope_sim_info`` series).
+JSON answer), ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus text: the
+simulation's own series, and the engine's state under vLLM's names so that what reads a vLLM
+server reads this one). The timing comes from ``SimEngine`` on the wall clock, so a load
+generator pointed at it sees the TTFT, TPOT and throughput of the simulated GPUs. Every
+answer is labelled simulated (``owned_by``, the ``rackscope_sim_info`` series).
 
 The simulated model has no end-of-sequence token: it always writes ``max_tokens`` tokens and
 finishes with ``finish_reason="length"``. Prompt lengths are estimated at four characters per
@@ -14,7 +15,6 @@ token, or counted when the prompt is a list of token ids.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import logging
@@ -28,15 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from rackscope.cli import HelpFormatter
 from rackscope.errors import ConfigError
 from rackscope.runner.engines.base import Done, Failed, FirstToken, Tokens
-from rackscope.simgpu import PROFILES
 
 if TYPE_CHECKING:
     from aiohttp import web
     from prometheus_client.metrics_core import Metric
 
+    from rackscope.runner.engines.base import EngineStats
     from rackscope.runner.engines.sim import EventChannel, SimEngine
 
 log = logging.getLogger(__name__)
@@ -307,7 +306,36 @@ def _metric_families(engine: SimEngine, model: str) -> Iterable[Metric]:
         finished.add_metric([*key, "error"], g.requests_failed)
         kv_ratio.add_metric(key, g.kv_used_tokens / g.kv_capacity_tokens)
         kv_bytes.add_metric(key, g.kv_used_bytes)
-    return [info, waiting, running, generated, prompt, finished, kv_ratio, kv_bytes]
+    return [info, waiting, running, generated, prompt, finished, kv_ratio, kv_bytes, *_vllm_families(stats, model)]
+
+
+def _vllm_families(stats: EngineStats, model: str) -> list[Metric]:
+    """The engine's state as vLLM (v1) names it, so whatever reads a vLLM server reads this one:
+    one engine (``engine="0"``) over all the simulated GPUs, its KV-cache usage the share of
+    all their cache in use."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels, key = ["engine", "model_name"], ["0", model]
+    gpus = stats.gpus
+    families: list[Metric] = []
+    for name, help_text, value in (
+        ("vllm:num_requests_running", "Number of requests in model execution batches.",
+         sum(g.running + g.prefilling for g in gpus)),
+        ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", stats.queued),
+        ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+         sum(g.kv_used_tokens for g in gpus) / sum(g.kv_capacity_tokens for g in gpus)),
+    ):
+        gauge = GaugeMetricFamily(name, help_text, labels=labels)
+        gauge.add_metric(key, value)
+        families.append(gauge)
+    for name, help_text, total in (
+        ("vllm:prompt_tokens", "Number of prefill tokens processed.", sum(g.input_tokens for g in gpus)),
+        ("vllm:generation_tokens", "Number of generation tokens processed.", sum(g.output_tokens for g in gpus)),
+    ):
+        counter = CounterMetricFamily(name, help_text, labels=labels)
+        counter.add_metric(key, total)
+        families.append(counter)
+    return families
 
 
 class SimServer:
@@ -466,45 +494,11 @@ class SimServer:
         return response
 
 
-# --- command line -----------------------------------------------------------------------------
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "serve-sim",
-        help="serve a simulated Llama2-70B over an OpenAI-compatible HTTP API",
-        description=(
-            "Serve the simulated engine as an OpenAI-compatible server (a stand-in for\n"
-            "trtllm-serve or vLLM): /v1/completions, /v1/chat/completions, /v1/models, /health,\n"
-            "/metrics. Timing follows the chosen GPU's published Llama2-70B throughput.\n"
-            "Prints the URL it serves on once listening; stops cleanly on SIGTERM or SIGINT."
-        ),
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--gpu-model", default="h100", choices=sorted(PROFILES), help="simulated GPU")
-    parser.add_argument("--gpus", type=int, default=1, help="number of simulated GPUs behind the server")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
-    parser.add_argument("--model", default="llama2-70b", help="model name served (requests must name it)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated GPUs' variation")
-    parser.add_argument("--node", default="n01", help="node name (seeds its throughput variation)")
-    parser.add_argument(
-        "--max-batch", type=int, default=None,
-        help="requests per GPU batch (None: what each GPU's deployment is tuned for)",
-    )
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.gpus < 1:
-        raise ConfigError(f"--gpus must be at least 1, got {args.gpus}")
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
-    if args.max_batch is not None and args.max_batch < 1:
-        raise ConfigError(f"--max-batch must be at least 1, got {args.max_batch}")
-    asyncio.run(_serve(args))
-    return 0
-
-
-async def _serve(args: argparse.Namespace) -> None:
+# --- serving -----------------------------------------------------------------------------------
+async def serve(
+    *, gpu_model: str, gpus: int, host: str, port: int, model: str, seed: int, node: str, max_batch: int | None
+) -> None:
+    """Serve until SIGTERM or SIGINT (``rackscope serve-sim``; flags checked by the caller)."""
     from aiohttp import web
 
     from rackscope.clock import WallClock
@@ -512,22 +506,22 @@ async def _serve(args: argparse.Namespace) -> None:
     from rackscope.simgpu import make_node_gpus
 
     clock = WallClock()
-    gpus = make_node_gpus(args.gpu_model, args.gpus, clock, node=args.node, seed=args.seed)
-    engine = SimEngine(gpus, clock, args.model, max_batch=args.max_batch)
+    sim_gpus = make_node_gpus(gpu_model, gpus, clock, node=node, seed=seed)
+    engine = SimEngine(sim_gpus, clock, model, max_batch=max_batch)
     await engine.start()
     runner = SimServer(engine).runner()
     await runner.setup()
     try:
-        site = web.TCPSite(runner, args.host, args.port)
+        site = web.TCPSite(runner, host, port)
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
-        host, port = runner.addresses[0][:2]
-        url_host = f"[{host}]" if ":" in host else host
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        bound_host, bound_port = runner.addresses[0][:2]
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         print(
-            f"rackscope serve-sim: {args.model} on {args.gpus} simulated {gpus[0].profile.name} "
-            f"listening on http://{url_host}:{port}",
+            f"rackscope serve-sim: {model} on {gpus} simulated {sim_gpus[0].profile.name} "
+            f"listening on http://{url_host}:{bound_port}",
             flush=True,
         )
         stop = asyncio.Event()

@@ -18,8 +18,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from rackscope import __version__, contract
-from rackscope.runner.records import RequestRecord
-from rackscope.runner.results import CANCELLED
+from rackscope.runner.records import CANCELLED, RequestRecord
 
 SCOPE = "rackscope.runner"
 ALL_GPUS = "all"  # the gpu attribute when the engine does not say which GPU served a request

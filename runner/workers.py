@@ -67,7 +67,16 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
 from rackscope.errors import EngineUnavailable, RunError
-from rackscope.runner.engines.base import Done, Engine, Failed, FirstToken, Request, Tokens
+from rackscope.runner.engines.base import (
+    Done,
+    Engine,
+    Failed,
+    FirstToken,
+    Prewarms,
+    RecordsWholeRequests,
+    Request,
+    Tokens,
+)
 from rackscope.runner.records import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -104,10 +113,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 async def collect(engine: Engine, request: Request) -> RequestRecord:
     """Run one request to its end and return its record; never raises for request errors."""
-    record = getattr(engine, "record", None)
-    if record is not None:
-        rec: RequestRecord = await record(request)
-        return rec
+    if isinstance(engine, RecordsWholeRequests):
+        return await engine.record(request)
     rec = RequestRecord(request_id=request.request_id, start_s=engine.now(), input_tokens=request.input_tokens)
     arrivals: list[float] = []
     async for ev in engine.stream(request):
@@ -151,9 +158,8 @@ async def _worker_async(
     engine = factory()
     try:
         await engine.start()
-        prewarm = getattr(engine, "prewarm", None)
-        if prewarm is not None:
-            await prewarm(min(concurrency or len(items), len(items)))
+        if isinstance(engine, Prewarms):
+            await engine.prewarm(min(concurrency or len(items), len(items)))
     except Exception as exc:  # noqa: BLE001 - process boundary: the parent raises EngineUnavailable
         log.error("worker %d: engine did not start: %s", index, exc)
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -345,6 +351,16 @@ def run_workers(
             c.close()
 
 
+def _send(conn: Connection, message: tuple[Any, ...]) -> None:
+    """Send to a worker that may already have exited. A worker whose engine failed, or that
+    died, closes its end at any moment; what it said (or its exit) is read on the other side
+    of the pipe and reported from there, so a failed send here is expected, not an error."""
+    try:
+        conn.send(message)
+    except OSError:  # BrokenPipeError, ConnectionResetError: the worker is gone
+        log.debug("worker gone before %r could be sent", message[0])
+
+
 def _supervise(
     procs: list[Any],
     conns: list[Connection],
@@ -362,7 +378,7 @@ def _supervise(
     while len(ready) < len(conns):
         if stopping():
             for c in conns:
-                c.send(("abort",))
+                _send(c, ("abort",))
             stop_flag.set()
             now = time.perf_counter()
             return WorkerRun([], now, now, interrupted=True)
@@ -378,13 +394,13 @@ def _supervise(
             if msg[0] == "error":
                 for other in conns:
                     if other is not c:
-                        other.send(("abort",))
+                        _send(other, ("abort",))
                 raise EngineUnavailable(f"worker {w} could not start its engine: {msg[1]}")
             ready.add(w)
 
     start_s = time.perf_counter() + START_MARGIN_S
     for c in conns:
-        c.send(("go", start_s))
+        _send(c, ("go", start_s))  # one that died since it was ready is reported below
 
     # Phase 2: gather records until every worker says done.
     by_index: dict[int, RequestRecord] = {}

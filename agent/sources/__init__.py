@@ -14,6 +14,16 @@ __all__ = ["GpuInfo", "GpuSample", "GpuSource", "SimSource", "open_source"]
 
 log = logging.getLogger(__name__)
 
+# A dcgm-exporter scrape ends before the next tick is due, so a stalled exporter costs one
+# failed sample per interval rather than delaying the ticks after it.
+DCGM_DEADLINE_FRACTION = 0.9
+
+
+def dcgm_deadline_s(settings: AgentSettings) -> float:
+    """The whole-scrape deadline the agent gives dcgm-exporter: ``--dcgm-timeout``, at most
+    0.9 x ``--interval``."""
+    return min(settings.dcgm_timeout_s, DCGM_DEADLINE_FRACTION * settings.interval_s)
+
 
 def open_source(settings: AgentSettings, clock: Clock) -> tuple[GpuSource, list[GpuInfo], list[SimGpu] | None]:
     """Open the source the settings ask for. ``auto`` prefers NVML and falls back to the
@@ -38,7 +48,7 @@ def open_source(settings: AgentSettings, clock: Clock) -> tuple[GpuSource, list[
     elif choice == "dcgm":
         from rackscope.agent.sources.dcgm import DcgmSource
 
-        source = DcgmSource(settings.dcgm_url)
+        source = DcgmSource(settings.dcgm_url, timeout_s=dcgm_deadline_s(settings))
     else:
         sim_gpus = make_node_gpus(settings.gpu_model, settings.gpus, clock, settings.rack, settings.node, settings.seed)
         source = SimSource(sim_gpus)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
+
+from rackscope.agent.sources.counters import is_valid_reading
 
 log = logging.getLogger(__name__)
+
+N = TypeVar("N", int, float)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,28 @@ class GpuSample:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+# Every numeric reading of a GpuSample: each is finite and non-negative when valid.
+READING_FIELDS = (
+    "power_w",
+    "energy_j",
+    "power_limit_w",
+    "memory_used_bytes",
+    "memory_total_bytes",
+    "utilization",
+    "sm_clock_mhz",
+    "temperature_c",
+    "throttle_reasons",
+    "nvlink_tx_bytes",
+    "nvlink_rx_bytes",
+    "pcie_tx_bytes",
+    "pcie_rx_bytes",
+    "xid_errors",
+    "last_xid",
+    "ecc_corrected",
+    "ecc_uncorrected",
+)
+
+
 # NVML clock-event (throttle) reason bits and the names the agent exports them under.
 THROTTLE_REASONS: dict[int, str] = {
     0x1: "gpu_idle",
@@ -87,6 +113,10 @@ class GpuSource(Protocol):
 
     def sample(self) -> list[GpuSample]: ...
 
+    def interrupt(self) -> None:
+        """Shutdown has begun: a read of a peer in progress ends now (its samples fail) and later
+        samples wait on no peer for long. Callable from any thread, more than once."""
+
     def close(self) -> None: ...
 
 
@@ -101,3 +131,24 @@ class OnceLogger:
         if key not in self._seen:
             self._seen.add(key)
             self._logger.warning(message, *args)
+
+
+class ReadingCheck:
+    """Turns invalid readings (negative, NaN, infinite) into ``None``: a wrong number is worse
+    than a missing one. Each GPU and field is logged once, however often it repeats."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._once = OnceLogger(logger)
+
+    def __call__(self, gpu: int, what: str, value: N | None) -> N | None:
+        if value is None or is_valid_reading(value):
+            return value
+        self._once.warn(("invalid", gpu, what), "GPU %d: invalid reading %s=%r; reported as missing", gpu, what, value)
+        return None
+
+    def sweep(self, sample: GpuSample) -> None:
+        """Checks every reading of ``sample`` in place."""
+        for name in READING_FIELDS:
+            value = getattr(sample, name)
+            if value is not None and not is_valid_reading(value):
+                setattr(sample, name, self(sample.index, name, value))

@@ -2,7 +2,13 @@
 
 dcgm-exporter (default ``http://localhost:9400/metrics``) publishes one line per GPU and DCGM field.
 This source scrapes it with a blocking HTTP GET (the agent calls ``sample`` from a worker thread),
-parses the text with ``prometheus_client``'s parser and maps the fields onto ``GpuSample``:
+parses the text with ``prometheus_client``'s parser and maps the fields onto ``GpuSample``.
+
+The exporter is a peer, so each scrape goes through ``rackscope.peers.fetch``: one deadline for the
+whole scrape (``timeout_s``; the agent passes ``--dcgm-timeout``, at most 0.9 x ``--interval``), a
+cap on the decoded page (``MAX_BODY_BYTES``) and a stop flag that ``interrupt`` sets at shutdown. A
+scrape that fails in any way fails the sample of every GPU (``ok=False``, no values), so the agent
+reports them down and counts the errors instead of repeating the last page as if it were fresh.
 
 =====================================  =====================  ==========================================
 dcgm-exporter series                   unit there             ``GpuSample`` field
@@ -51,28 +57,33 @@ DCGM ``dcgm_fields.h``, NVML docs, exporter issues):
 - Kubernetes adds ``pod``/``namespace``/``container``; a GPU shared by several pods gets one line per
   pod with the same value. These labels are ignored and duplicates taken once.
 - Older exporters (and DCGM itself) can emit "blank" sentinels (2**47 for doubles, 2**63 - 16 and
-  up for integers) for unsupported fields; those, NaN and infinities become ``None``.
+  up for integers) for unsupported fields; those become ``None`` silently. NaN, infinities and
+  negative values are invalid readings: ``None`` too, logged once per GPU and field.
+- Counters and integrals follow ``rackscope.agent.sources.counters``: the energy counter never goes
+  back (a drop below a tenth is a driver restart, a smaller one jitter), rates integrate with the
+  trapezoidal rule.
 
 Any field the exporter does not send becomes ``None`` for that tick, never zero.
 """
 
 from __future__ import annotations
 
-import gzip
-import http.client
+import dataclasses
 import logging
 import math
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from rackscope.agent.sources.base import GpuInfo, GpuSample, OnceLogger
+from rackscope.agent.settings import AgentSettings
+from rackscope.agent.sources.base import GpuInfo, GpuSample, OnceLogger, ReadingCheck
+from rackscope.agent.sources.counters import Integral, MonotonicCounter, is_valid_reading
 from rackscope.clock import Clock
-from rackscope.errors import ConfigError, SourceError, SourceUnavailable
+from rackscope.errors import ConfigError, PeerError, SourceError, SourceUnavailable
+from rackscope.peers import Target, fetch
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +94,11 @@ HINT = "is dcgm-exporter running? pass --dcgm-url, or run with --source sim"
 MIB = 1024 * 1024
 MB = 1_000_000  # NVLINK_BANDWIDTH_TOTAL is reported in MB/s
 KB = 1024  # NVML's PCIe throughput "KB/s"
-MAX_BODY_BYTES = 64 * MIB  # a full exporter page for 8 GPUs is well under 1 MiB
+# A full exporter page for 8 GPUs with profiling fields is under 100 KiB; MIG instances and
+# Kubernetes pod labels multiply that by tens at most. Parsing costs ~10x the text in memory.
+MAX_BODY_BYTES = 16 * MIB
+DEFAULT_DEADLINE_S = AgentSettings.dcgm_timeout_s  # a whole scrape; the agent caps it below its interval
+SHUTDOWN_DEADLINE_S = 0.5  # a scrape after interrupt(): the last sample, if the exporter is quick
 
 # Fields this source reads.
 POWER = "DCGM_FI_DEV_POWER_USAGE"
@@ -110,32 +125,11 @@ XID = "DCGM_FI_DEV_XID_ERRORS"
 ECC_SBE = "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL"
 ECC_DBE = "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"
 
+# Fields this source reads (a GPU's other DCGM_FI_ lines only tell that it exists).
 FIELDS = frozenset(
-    {
-        POWER,
-        ENERGY,
-        FB_USED,
-        FB_FREE,
-        FB_RESERVED,
-        FB_TOTAL,
-        GPU_UTIL,
-        SM_CLOCK,
-        GPU_TEMP,
-        POWER_LIMIT_ENFORCED,
-        POWER_LIMIT,
-        CLOCKS_EVENT_REASONS,
-        CLOCK_THROTTLE_REASONS,
-        NVLINK_TX,
-        NVLINK_RX,
-        NVLINK_TOTAL,
-        PCIE_TX,
-        PCIE_RX,
-        PCIE_TX_LEGACY,
-        PCIE_RX_LEGACY,
-        XID,
-        ECC_SBE,
-        ECC_DBE,
-    }
+    {POWER, ENERGY, FB_USED, FB_FREE, FB_RESERVED, FB_TOTAL, GPU_UTIL, SM_CLOCK, GPU_TEMP, POWER_LIMIT_ENFORCED}
+    | {POWER_LIMIT, CLOCKS_EVENT_REASONS, CLOCK_THROTTLE_REASONS, NVLINK_TX, NVLINK_RX, NVLINK_TOTAL, PCIE_TX}
+    | {PCIE_RX, PCIE_TX_LEGACY, PCIE_RX_LEGACY, XID, ECC_SBE, ECC_DBE}
 )
 # DCGM stores these as doubles; every other field above is an int64.
 _DOUBLE_FIELDS = frozenset({POWER, POWER_LIMIT_ENFORCED, POWER_LIMIT})
@@ -187,7 +181,8 @@ class _GpuLines:
         per_instance = self.by_instance.get(name)
         if not per_instance or per_instance.keys() != self.instances.keys():
             return None  # a partial sum would understate the GPU
-        return sum(per_instance.values())
+        invalid = [v for v in per_instance.values() if not is_valid_reading(v)]
+        return invalid[0] if invalid else sum(per_instance.values())  # no valid-looking sum of bad parts
 
 
 def _instance_order(instance_id: str) -> tuple[int, str]:
@@ -204,9 +199,11 @@ class Scrape:
 
 
 def _clean_value(name: str, raw: float) -> float | None:
+    """``None`` for DCGM's blank sentinels (field not supported). Anything else is kept, NaN and
+    negatives included: those are invalid readings, logged by the GPU they belong to."""
     value = float(raw)
-    if math.isnan(value) or math.isinf(value):
-        return None
+    if not math.isfinite(value):
+        return value
     if name in _DOUBLE_FIELDS:
         return None if value >= _FP64_BLANK else value
     return None if raw >= _INT64_BLANK else value
@@ -255,122 +252,7 @@ def parse_exposition(text: str) -> Scrape:
     return scrape
 
 
-# --------------------------------------------------------------------------- HTTP
-
-
-class _HttpScraper:
-    """One keep-alive HTTP connection to the exporter; every failure becomes ``SourceError``."""
-
-    def __init__(self, url: str, timeout_s: float) -> None:
-        parts = urllib.parse.urlsplit(url)
-        try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-            raise ConfigError(f"--dcgm-url must be an http:// or https:// URL such as {DEFAULT_URL}, not {url!r}")
-        self.url = url
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname
-        self._port = port
-        path = parts.path if parts.path not in ("", "/") else DEFAULT_PATH
-        self._target = f"{path}?{parts.query}" if parts.query else path
-        self._timeout_s = timeout_s
-        self._conn: http.client.HTTPConnection | None = None
-        self._lock = threading.Lock()
-
-    def _connect(self) -> http.client.HTTPConnection:
-        if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout_s)
-        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout_s)
-
-    def get(self) -> str:
-        with self._lock:
-            for attempt in range(2):
-                reused = self._conn is not None
-                conn = self._conn or self._connect()
-                self._conn = None
-                try:
-                    conn.request("GET", self._target, headers=_REQUEST_HEADERS)
-                    response = conn.getresponse()
-                    body = response.read(MAX_BODY_BYTES + 1)
-                except TimeoutError as exc:
-                    conn.close()
-                    raise SourceError(
-                        f"dcgm-exporter at {self.url} did not answer within {self._timeout_s:g} s"
-                    ) from exc
-                except (OSError, http.client.HTTPException) as exc:
-                    conn.close()
-                    if reused and attempt == 0:
-                        continue  # the exporter dropped our idle keep-alive connection: one fresh try
-                    raise SourceError(
-                        f"cannot reach dcgm-exporter at {self.url}: {str(exc) or type(exc).__name__}"
-                    ) from exc
-                if len(body) > MAX_BODY_BYTES or response.will_close or not response.isclosed():
-                    conn.close()
-                else:
-                    self._conn = conn
-                if len(body) > MAX_BODY_BYTES:
-                    raise SourceError(f"{self.url} sent more than {MAX_BODY_BYTES // MIB} MiB")
-                if response.status != 200:
-                    raise SourceError(f"dcgm-exporter at {self.url} answered HTTP {response.status} {response.reason}")
-                if (response.getheader("Content-Encoding") or "").lower() == "gzip":
-                    try:
-                        body = gzip.decompress(body)
-                    except (OSError, EOFError) as exc:
-                        raise SourceError(f"{self.url} sent a corrupt gzip body: {exc}") from exc
-                return body.decode("utf-8", errors="replace")
-            raise AssertionError("unreachable")  # pragma: no cover
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-
 # --------------------------------------------------------------------------- per-GPU state
-
-
-class _Integral:
-    """Integrates a rate (B/s, W) over time with the trapezoidal rule into a running total."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self._rate: float | None = None
-        self._t: float | None = None
-        self._kind = ""
-
-    def add(self, rate: float | None, now_s: float, kind: str = "") -> float | None:
-        if rate is None:
-            return None
-        rate = max(rate, 0.0)
-        if self._rate is not None and self._t is not None and kind == self._kind:
-            dt_s = now_s - self._t
-            if dt_s > 0:
-                self.total += (self._rate + rate) / 2.0 * dt_s
-        # A switch of source field (profiling <-> legacy) starts afresh instead of mixing the two.
-        self._kind = kind
-        self._rate = rate
-        self._t = now_s
-        return self.total
-
-
-class _CounterDelta:
-    """Growth of a hardware counter since the first reading; a drop means the driver reloaded."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self._last: float | None = None
-
-    def add(self, value: float | None) -> float | None:
-        if value is None:
-            return None
-        if self._last is not None:
-            delta = value - self._last
-            self.total += delta if delta >= 0 else value
-        self._last = value
-        return self.total
 
 
 class _XidTracker:
@@ -398,25 +280,33 @@ def _as_int(value: float | None) -> int | None:
 class _GpuState:
     """What one GPU's samples need to remember between scrapes."""
 
-    def __init__(self, lines: _GpuLines, once: OnceLogger) -> None:
-        self.index = lines.index
+    def __init__(self, lines: _GpuLines, once: OnceLogger, check: ReadingCheck) -> None:
+        self.index = i = lines.index
         self.uuid = lines.uuid or lines.pci_bus_id or f"dcgm-gpu-{lines.index}"
         self._once = once
+        self._check = check
         self.energy_method = "counter" if lines.device_value(ENERGY) is not None else "integrated"
         if self.energy_method == "integrated":
-            once.warn(
-                ("energy", self.index),
-                "GPU %d: dcgm-exporter sends no %s; integrating power instead",
-                self.index,
-                ENERGY,
-            )
-        self._energy_counter = _CounterDelta()
-        self._energy_integral = _Integral()
-        self._nvlink_tx = _Integral()
-        self._nvlink_rx = _Integral()
-        self._pcie_tx = _Integral()
-        self._pcie_rx = _Integral()
+            once.warn(("energy", i), "GPU %d: dcgm-exporter sends no %s; integrating power instead", i, ENERGY)
+        self._energy_counter = MonotonicCounter(f"GPU {i} {ENERGY} (mJ)")
+        self._energy_integral = Integral(f"GPU {i} {POWER} integrated (W)")
+        self._nvlink_tx = Integral(f"GPU {i} NVLink tx (B/s)")
+        self._nvlink_rx = Integral(f"GPU {i} NVLink rx (B/s)")
+        self._pcie_tx = Integral(f"GPU {i} PCIe tx (B/s)")
+        self._pcie_rx = Integral(f"GPU {i} PCIe rx (B/s)")
+        self._nvlink_field = ""  # which field the NVLink integrals follow ("prof" or "total")
+        self._pcie_field = ""  # "prof" or "legacy"
+        self._ecc_corrected = MonotonicCounter(f"GPU {i} {ECC_SBE}", keep_first=True)
+        self._ecc_uncorrected = MonotonicCounter(f"GPU {i} {ECC_DBE}", keep_first=True)
         self._xid = _XidTracker()
+
+    def _value(self, lines: _GpuLines, name: str) -> float | None:
+        """A device-wide field, ``None`` when absent or invalid."""
+        return self._check(self.index, name, lines.device_value(name))
+
+    def _sum(self, lines: _GpuLines, name: str) -> float | None:
+        """A per-instance (framebuffer) field summed over the GPU, ``None`` when absent or invalid."""
+        return self._check(self.index, name, lines.partitioned_sum(name))
 
     def info(self, lines: _GpuLines) -> GpuInfo:
         memory_total_bytes, _ = self._memory(lines)
@@ -430,19 +320,20 @@ class _GpuState:
         )
 
     def update(self, lines: _GpuLines, now_s: float, wall_s: float) -> GpuSample:
-        power_w = lines.device_value(POWER)
+        power_w = self._value(lines, POWER)
         if self.energy_method == "counter":
-            energy_mj = self._energy_counter.add(lines.device_value(ENERGY))
+            # The counter checks its own readings (an invalid one is logged once and is None).
+            energy_mj = self._energy_counter.update(lines.device_value(ENERGY))
             energy_j = None if energy_mj is None else energy_mj / 1000.0
         else:
-            energy_j = self._energy_integral.add(power_w, now_s)
+            energy_j = self._energy_integral.update(power_w, now_s)
         memory_total_bytes, memory_used_bytes = self._memory(lines)
         nvlink_tx, nvlink_rx = self._links(lines, now_s)
         pcie_tx, pcie_rx = self._pcie(lines, now_s)
-        xid_errors, last_xid = self._xid.add(lines.device_value(XID))
-        throttle = lines.device_value(CLOCKS_EVENT_REASONS)
+        xid_errors, last_xid = self._xid.add(self._value(lines, XID))
+        throttle = self._value(lines, CLOCKS_EVENT_REASONS)
         if throttle is None:
-            throttle = lines.device_value(CLOCK_THROTTLE_REASONS)
+            throttle = self._value(lines, CLOCK_THROTTLE_REASONS)
         return GpuSample(
             index=self.index,
             timestamp_s=wall_s,
@@ -453,8 +344,8 @@ class _GpuState:
             memory_used_bytes=memory_used_bytes,
             memory_total_bytes=memory_total_bytes,
             utilization=self._utilization(lines),
-            sm_clock_mhz=lines.device_value(SM_CLOCK),
-            temperature_c=lines.device_value(GPU_TEMP),
+            sm_clock_mhz=self._value(lines, SM_CLOCK),
+            temperature_c=self._value(lines, GPU_TEMP),
             throttle_reasons=_as_int(throttle),
             nvlink_tx_bytes=_as_int(nvlink_tx),
             nvlink_rx_bytes=_as_int(nvlink_rx),
@@ -462,47 +353,41 @@ class _GpuState:
             pcie_rx_bytes=_as_int(pcie_rx),
             xid_errors=xid_errors,
             last_xid=last_xid,
-            ecc_corrected=_as_int(lines.device_value(ECC_SBE)),
-            ecc_uncorrected=_as_int(lines.device_value(ECC_DBE)),
+            ecc_corrected=_as_int(self._ecc_corrected.update(lines.device_value(ECC_SBE))),
+            ecc_uncorrected=_as_int(self._ecc_uncorrected.update(lines.device_value(ECC_DBE))),
         )
 
-    @staticmethod
-    def _power_limit(lines: _GpuLines) -> float | None:
-        limit = lines.device_value(POWER_LIMIT_ENFORCED)
-        return limit if limit is not None else lines.device_value(POWER_LIMIT)
+    def _power_limit(self, lines: _GpuLines) -> float | None:
+        limit = self._value(lines, POWER_LIMIT_ENFORCED)
+        return limit if limit is not None else self._value(lines, POWER_LIMIT)
 
-    @staticmethod
-    def _memory(lines: _GpuLines) -> tuple[int | None, int | None]:
+    def _memory(self, lines: _GpuLines) -> tuple[int | None, int | None]:
         """(total, used) in bytes."""
-        used_mib = lines.partitioned_sum(FB_USED)
-        total_mib = lines.partitioned_sum(FB_TOTAL)
+        used_mib = self._sum(lines, FB_USED)
+        total_mib = self._sum(lines, FB_TOTAL)
         if total_mib is None:
-            free_mib = lines.partitioned_sum(FB_FREE)
+            free_mib = self._sum(lines, FB_FREE)
             # Exporters before FB_RESERVED existed counted the reserved memory as used.
-            reserved_mib = lines.partitioned_sum(FB_RESERVED) or 0.0
+            reserved_mib = self._sum(lines, FB_RESERVED)
+            if reserved_mib is None and lines.partitioned_sum(FB_RESERVED) is not None:
+                free_mib = None  # sent but invalid: no total rather than a wrong one
             if used_mib is not None and free_mib is not None:
-                total_mib = used_mib + free_mib + reserved_mib
+                total_mib = used_mib + free_mib + (reserved_mib or 0.0)
         return (
             None if total_mib is None else int(total_mib * MIB),
             None if used_mib is None else int(used_mib * MIB),
         )
 
     def _utilization(self, lines: _GpuLines) -> float | None:
+        i = self.index
         if lines.mig and GPU_UTIL not in lines.whole:
-            self._once.warn(
-                ("util-mig", self.index),
-                "GPU %d is in MIG mode: DCGM does not report %s for MIG instances",
-                self.index,
-                GPU_UTIL,
-            )
+            self._once.warn(("util-mig", i), "GPU %d is in MIG mode: DCGM reports no %s for MIG instances", i, GPU_UTIL)
             return None
-        percent = lines.whole.get(GPU_UTIL)
+        percent = self._check(i, GPU_UTIL, lines.whole.get(GPU_UTIL))
         if percent is None:
             return None
-        if not 0.0 <= percent <= 100.0:
-            self._once.warn(
-                ("util-range", self.index), "GPU %d: ignoring %s=%s (out of 0-100)", self.index, GPU_UTIL, percent
-            )
+        if percent > 100.0:
+            self._once.warn(("util-range", i), "GPU %d: ignoring %s=%s (out of 0-100)", i, GPU_UTIL, percent)
             return None
         return percent / 100.0
 
@@ -510,32 +395,39 @@ class _GpuState:
         tx_bps = lines.device_value(NVLINK_TX)
         rx_bps = lines.device_value(NVLINK_RX)
         if tx_bps is not None or rx_bps is not None:
-            return self._nvlink_tx.add(tx_bps, now_s, "prof"), self._nvlink_rx.add(rx_bps, now_s, "prof")
-        total_mbps = lines.device_value(NVLINK_TOTAL)
+            self._follow_nvlink("prof")
+            return self._nvlink_tx.update(tx_bps, now_s), self._nvlink_rx.update(rx_bps, now_s)
+        total_mbps = self._value(lines, NVLINK_TOTAL)
         if total_mbps is None:
             return None, None
-        self._once.warn(
-            ("nvlink-split", self.index),
-            "GPU %d: no %s/%s; splitting %s evenly between tx and rx",
-            self.index,
-            NVLINK_TX,
-            NVLINK_RX,
-            NVLINK_TOTAL,
-        )
+        message = "GPU %d: no %s/%s; splitting %s evenly between tx and rx"
+        self._once.warn(("nvlink-split", self.index), message, self.index, NVLINK_TX, NVLINK_RX, NVLINK_TOTAL)
+        self._follow_nvlink("total")
         half_bps = total_mbps * MB / 2.0
-        return self._nvlink_tx.add(half_bps, now_s, "total"), self._nvlink_rx.add(half_bps, now_s, "total")
+        return self._nvlink_tx.update(half_bps, now_s), self._nvlink_rx.update(half_bps, now_s)
+
+    def _follow_nvlink(self, name: str) -> None:
+        # A switch of source field (profiling <-> total) starts afresh instead of mixing the two.
+        if name != self._nvlink_field:
+            self._nvlink_field = name
+            self._nvlink_tx.restart()
+            self._nvlink_rx.restart()
 
     def _pcie(self, lines: _GpuLines, now_s: float) -> tuple[float | None, float | None]:
         tx_bps = lines.device_value(PCIE_TX)
         rx_bps = lines.device_value(PCIE_RX)
-        if tx_bps is not None or rx_bps is not None:
-            return self._pcie_tx.add(tx_bps, now_s, "prof"), self._pcie_rx.add(rx_bps, now_s, "prof")
-        tx_kbps = lines.device_value(PCIE_TX_LEGACY)
-        rx_kbps = lines.device_value(PCIE_RX_LEGACY)
-        return (
-            self._pcie_tx.add(None if tx_kbps is None else tx_kbps * KB, now_s, "legacy"),
-            self._pcie_rx.add(None if rx_kbps is None else rx_kbps * KB, now_s, "legacy"),
-        )
+        field_name = "prof"
+        if tx_bps is None and rx_bps is None:
+            tx_kbps = lines.device_value(PCIE_TX_LEGACY)
+            rx_kbps = lines.device_value(PCIE_RX_LEGACY)
+            tx_bps = None if tx_kbps is None else tx_kbps * KB
+            rx_bps = None if rx_kbps is None else rx_kbps * KB
+            field_name = "legacy"
+        if field_name != self._pcie_field:
+            self._pcie_field = field_name
+            self._pcie_tx.restart()
+            self._pcie_rx.restart()
+        return self._pcie_tx.update(tx_bps, now_s), self._pcie_rx.update(rx_bps, now_s)
 
 
 # --------------------------------------------------------------------------- the source
@@ -544,7 +436,8 @@ class _GpuState:
 class DcgmSource:
     """``GpuSource`` reading a dcgm-exporter endpoint.
 
-    ``clock`` is monotonic time used to integrate rates: a ``rackscope.clock.Clock`` or a
+    ``timeout_s`` bounds each whole scrape and ``max_bytes`` its decoded page. ``clock`` is
+    monotonic time used to integrate rates: a ``rackscope.clock.Clock`` or a
     ``time.monotonic``-like callable. ``wall_clock`` stamps the samples.
     """
 
@@ -554,14 +447,19 @@ class DcgmSource:
     def __init__(
         self,
         url: str = DEFAULT_URL,
-        timeout_s: float = 2.0,
+        timeout_s: float = DEFAULT_DEADLINE_S,
         clock: Clock | Callable[[], float] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        max_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         if not timeout_s > 0:
             raise ConfigError(f"the dcgm-exporter timeout must be positive, not {timeout_s}")
+        if max_bytes < 1:
+            raise ConfigError(f"the dcgm-exporter page cap must be positive, not {max_bytes}")
         self.url = url
-        self._http = _HttpScraper(url, timeout_s)
+        self._target = _target(url)
+        self._deadline_s = timeout_s
+        self._max_bytes = max_bytes
         if clock is None:
             self._now: Callable[[], float] = time.monotonic
         elif callable(clock):
@@ -570,7 +468,10 @@ class DcgmSource:
             self._now = clock.now
         self._wall = wall_clock
         self._lock = threading.Lock()
+        self._stop = threading.Event()  # aborts the scrape in flight (interrupt)
+        self._stopping = False
         self._once = OnceLogger(log)
+        self._check = ReadingCheck(log)
         self._gpus: dict[int, _GpuState] = {}
         self._opened = False
         self._outage: str | None = None
@@ -580,12 +481,27 @@ class DcgmSource:
         self.mig_profiles: dict[int, dict[str, str]] = {}  # GPU index -> GPU_I_ID -> GPU_I_PROFILE
 
     def _scrape(self) -> tuple[Scrape, float]:
-        text = self._http.get()
+        what = self._target.what
+        stopping = self._stopping
+        if stopping and self._outage is not None:
+            raise SourceError(self._outage)  # shutting down: a failing exporter is not waited on again
+        try:
+            response = fetch(
+                self._target,
+                deadline_s=min(self._deadline_s, SHUTDOWN_DEADLINE_S) if stopping else self._deadline_s,
+                max_bytes=self._max_bytes,
+                headers=_REQUEST_HEADERS,
+                stop=None if stopping else self._stop,
+            )
+        except PeerError as exc:
+            raise SourceError(f"dcgm-exporter at {exc}") from exc
+        if response.status != 200:
+            raise SourceError(f"dcgm-exporter at {what} answered HTTP {response.status} {response.reason}")
         now_s = self._now()
         try:
-            return parse_exposition(text), now_s
+            return parse_exposition(response.body.decode("utf-8", errors="replace")), now_s
         except ValueError as exc:
-            raise SourceError(f"{self.url} did not answer in the Prometheus text format: {exc}") from exc
+            raise SourceError(f"{what} did not answer in the Prometheus text format: {exc}") from exc
 
     def is_available(self) -> bool:
         """Whether a dcgm-exporter with at least one GPU answers at ``url`` (one scrape, no state)."""
@@ -598,13 +514,16 @@ class DcgmSource:
 
     def open(self) -> list[GpuInfo]:
         with self._lock:
+            self._stop.clear()
+            self._stopping = False
             try:
                 scrape, now_s = self._scrape()
             except SourceError as exc:
                 raise SourceUnavailable(str(exc), hint=HINT) from exc
             if not scrape.gpus:
                 raise SourceUnavailable(
-                    f"{self.url} answered but sent no DCGM_FI_ series with a gpu label: is it a dcgm-exporter?",
+                    f"{self._target.what} answered but sent no DCGM_FI_ series with a gpu label: "
+                    "is it a dcgm-exporter?",
                     hint=HINT,
                 )
             self._gpus = {}
@@ -612,7 +531,7 @@ class DcgmSource:
             wall_s = self._wall()
             for index in sorted(scrape.gpus):
                 lines = scrape.gpus[index]
-                state = _GpuState(lines, self._once)
+                state = _GpuState(lines, self._once, self._check)
                 state.update(lines, now_s, wall_s)  # first readings: counters and integrals start here
                 self._gpus[index] = state
                 infos.append(state.info(lines))
@@ -621,7 +540,9 @@ class DcgmSource:
             self.mig_profiles = {i: dict(g.instances) for i, g in scrape.gpus.items() if g.mig}
             self._opened = True
             self._outage = None
-            log.info("dcgm-exporter at %s: %d GPU(s) on %s", self.url, len(infos), self.hostname or "unknown host")
+            log.info(
+                "dcgm-exporter at %s: %d GPU(s) on %s", self._target.what, len(infos), self.hostname or "unknown host"
+            )
             return infos
 
     def sample(self) -> list[GpuSample]:
@@ -637,13 +558,13 @@ class DcgmSource:
                 self._outage = str(exc)
                 return [GpuSample(index=i, timestamp_s=wall_s, ok=False, error=str(exc)) for i in self._gpus]
             if self._outage is not None:
-                log.info("dcgm-exporter at %s answers again", self.url)
+                log.info("dcgm-exporter at %s answers again", self._target.what)
                 self._outage = None
             samples = []
             for index, state in self._gpus.items():
                 lines = scrape.gpus.get(index)
                 if lines is None:
-                    error = f"GPU {index} ({state.uuid}) is missing from the dcgm-exporter page at {self.url}"
+                    error = f"GPU {index} ({state.uuid}) is missing from the dcgm-exporter page at {self._target.what}"
                     self._once.warn(("missing", index), "%s", error)
                     samples.append(GpuSample(index=index, timestamp_s=wall_s, ok=False, error=error))
                     continue
@@ -652,7 +573,25 @@ class DcgmSource:
                 self._once.warn(("new", index), "GPU %d appeared after start; it is ignored until restart", index)
             return samples
 
+    def interrupt(self) -> None:
+        # No lock: the scrape in flight holds it, and this is what makes it let go.
+        self._stopping = True
+        self._stop.set()
+
     def close(self) -> None:
+        self.interrupt()
         with self._lock:
             self._opened = False
-            self._http.close()
+
+
+def _target(url: str) -> Target:
+    """The exporter's URL; a bare host (or "/") means its ``/metrics`` page."""
+    try:
+        target = Target.parse(url, DEFAULT_PATH)
+    except ValueError:
+        raise ConfigError(f"--dcgm-url must be an http:// or https:// URL such as {DEFAULT_URL}, not {url!r}") from None
+    if target.path == "/" or target.path.startswith("/?"):
+        target = dataclasses.replace(
+            target, path=DEFAULT_PATH + target.path[1:], what=target.what.removesuffix("/") + DEFAULT_PATH
+        )
+    return target

@@ -10,6 +10,11 @@ Failures come in tiers:
   not asked again.
 - One GPU stops answering (GPU lost, reset required, ...): its sample has ``ok=False`` and
   ``error`` set; the other GPUs carry on, and it is asked again next tick in case it recovers.
+- One reading is impossible (negative, NaN, infinite): that field is ``None``, logged once.
+
+Hardware counters (energy, NVLink bytes, ECC counts) follow ``rackscope.agent.sources.counters``:
+they never go back, a drop below a tenth is a driver restart and a smaller one jitter. Where a GPU
+has no energy counter, power is integrated with the trapezoidal rule.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rackscope.agent.sources.base import GpuInfo, GpuSample, OnceLogger
+from rackscope.agent.sources import nvml_h
+from rackscope.agent.sources.base import GpuInfo, GpuSample, OnceLogger, ReadingCheck
+from rackscope.agent.sources.counters import Integral, MonotonicCounter
 from rackscope.clock import Clock, WallClock
 from rackscope.errors import SourceError, SourceUnavailable
 
@@ -30,71 +37,6 @@ log = logging.getLogger(__name__)
 
 SIM_HINT = "run with --source sim"
 
-# NVML return codes (nvml.h). Classified by number so the tiers do not depend on which
-# NVMLError_* classes a given nvidia-ml-py release generates.
-_ERR_UNINITIALIZED = 1
-_ERR_INVALID_ARGUMENT = 2
-_ERR_NOT_SUPPORTED = 3
-_ERR_NO_PERMISSION = 4
-_ERR_NOT_FOUND = 6
-_ERR_DRIVER_NOT_LOADED = 9
-_ERR_TIMEOUT = 10
-_ERR_IRQ_ISSUE = 11
-_ERR_LIBRARY_NOT_FOUND = 12
-_ERR_FUNCTION_NOT_FOUND = 13
-_ERR_GPU_IS_LOST = 15
-_ERR_RESET_REQUIRED = 16
-_ERR_OPERATING_SYSTEM = 17
-_ERR_LIB_RM_VERSION_MISMATCH = 18
-_ERR_ARGUMENT_VERSION_MISMATCH = 25
-_ERR_DEPRECATED = 26
-_ERR_GPU_NOT_FOUND = 28
-_ERR_UNKNOWN = 999
-
-# This GPU, driver or library cannot give the field at all: report None and stop asking.
-_UNSUPPORTED = frozenset(
-    {
-        _ERR_INVALID_ARGUMENT,
-        _ERR_NOT_SUPPORTED,
-        _ERR_NO_PERMISSION,
-        _ERR_NOT_FOUND,
-        _ERR_FUNCTION_NOT_FOUND,
-        _ERR_ARGUMENT_VERSION_MISMATCH,
-        _ERR_DEPRECATED,
-    }
-)
-# The GPU (or the driver under it) stopped answering: the whole sample of that GPU fails.
-# Any other code makes one field None for one tick.
-_GPU_FAILED = frozenset(
-    {
-        _ERR_UNINITIALIZED,
-        _ERR_DRIVER_NOT_LOADED,
-        _ERR_TIMEOUT,
-        _ERR_IRQ_ISSUE,
-        _ERR_GPU_IS_LOST,
-        _ERR_RESET_REQUIRED,
-        _ERR_OPERATING_SYSTEM,
-        _ERR_LIB_RM_VERSION_MISMATCH,
-        _ERR_GPU_NOT_FOUND,
-        _ERR_UNKNOWN,
-    }
-)
-
-# nvml.h constants used below (also in pynvml; kept here so an older binding still works).
-_FI_NVLINK_LINK_COUNT = 91
-_FI_NVLINK_DATA_TX = 138  # KiB
-_FI_NVLINK_DATA_RX = 139  # KiB
-_SCOPE_ALL_LINKS = 0xFFFFFFFF  # scopeId UINT_MAX: the driver sums the counter over all links
-_NVLINK_MAX_LINKS = 36
-_GPM_NVLINK_TOTAL_RX_PER_SEC = 60  # MiB/s
-_GPM_NVLINK_TOTAL_TX_PER_SEC = 61  # MiB/s
-_GPM_METRICS_GET_VERSION = 1
-_EVENT_XID_CRITICAL = 0x8
-_CLOCK_SM = 1
-_TEMPERATURE_GPU = 0
-_ECC_CORRECTED = 0
-_ECC_UNCORRECTED = 1
-_ECC_VOLATILE = 0  # since driver load, as opposed to aggregate over the board's life
 _BYTES_PER_KIB = 1024
 _BYTES_PER_MIB = 1024 * 1024
 _MAX_EVENTS_PER_TICK = 64  # bounds the drain loop if a driver keeps reporting events
@@ -120,19 +62,19 @@ def _init(nv: Any) -> None:
         nv.nvmlInit()
     except nv.NVMLError as exc:
         code = exc.value
-        if code == _ERR_LIBRARY_NOT_FOUND:
+        if code == nvml_h.ERR_LIBRARY_NOT_FOUND:
             raise SourceUnavailable("NVML library not found", hint=f"install the NVIDIA driver, or {SIM_HINT}") from exc
-        if code == _ERR_DRIVER_NOT_LOADED:
+        if code == nvml_h.ERR_DRIVER_NOT_LOADED:
             raise SourceUnavailable(
                 "NVIDIA driver not loaded",
                 hint=f"load the nvidia kernel module (nvidia-smi should list the GPUs), or {SIM_HINT}",
             ) from exc
-        if code == _ERR_LIB_RM_VERSION_MISMATCH:
+        if code == nvml_h.ERR_LIB_RM_VERSION_MISMATCH:
             raise SourceUnavailable(
                 "NVML library and NVIDIA kernel driver versions differ",
                 hint=f"reload the nvidia kernel module or reboot after a driver upgrade, or {SIM_HINT}",
             ) from exc
-        if code == _ERR_NO_PERMISSION:
+        if code == nvml_h.ERR_NO_PERMISSION:
             raise SourceUnavailable(
                 "no permission to use NVML", hint=f"check access to the /dev/nvidia* devices, or {SIM_HINT}"
             ) from exc
@@ -168,32 +110,6 @@ def _text(value: object) -> str:
 
 
 @dataclass(slots=True)
-class _Counter:
-    """A cumulative hardware counter turned into "since the source opened".
-
-    If the counter goes backwards (the driver was reloaded and restarted it from zero), what
-    was counted so far is kept and counting goes on from the new zero.
-    """
-
-    base: int | None = None
-    last: int = 0
-    carried: int = 0
-
-    def update(self, raw: int) -> int:
-        if self.base is None:
-            self.base = raw
-        elif raw < self.last:
-            self.carried += self.last - self.base
-            self.base = 0
-        self.last = raw
-        return self.carried + raw - self.base
-
-    @property
-    def value(self) -> int:
-        return 0 if self.base is None else self.carried + self.last - self.base
-
-
-@dataclass(slots=True)
 class _Gpu:
     """What the source keeps for one GPU between ticks."""
 
@@ -202,14 +118,9 @@ class _Gpu:
     info: GpuInfo
     unsupported: set[str] = field(default_factory=set)
     failing: bool = False
-    energy: _Counter = field(default_factory=_Counter)
-    energy_integrated: bool = False
-    integrated_energy_j: float = 0.0
-    last_power_s: float | None = None  # clock time of the last power reading integrated
+    power_integral: Integral | None = None  # set when the GPU has no energy counter
     nvlink_mode: str | None = None  # "aggregate" | "links" | "gpm" | None
     nvlink_links: list[int] = field(default_factory=list)
-    nvlink_tx: _Counter = field(default_factory=_Counter)
-    nvlink_rx: _Counter = field(default_factory=_Counter)
     gpm_samples: list[Any] = field(default_factory=list)  # [previous, current]
     gpm_request: Any = None
     gpm_last_s: float = 0.0
@@ -218,6 +129,27 @@ class _Gpu:
     event_set: Any = None
     xid_errors: int = 0
     last_xid: int | None = None
+    energy: MonotonicCounter = field(init=False)  # mJ
+    nvlink_tx: MonotonicCounter = field(init=False)  # KiB
+    nvlink_rx: MonotonicCounter = field(init=False)
+    ecc_corrected: MonotonicCounter = field(init=False)
+    ecc_uncorrected: MonotonicCounter = field(init=False)
+
+    def __post_init__(self) -> None:
+        i = self.index
+        self.energy = MonotonicCounter(f"GPU {i} energy counter (mJ)")
+        self.nvlink_tx = MonotonicCounter(f"GPU {i} NVLink tx counter (KiB)")
+        self.nvlink_rx = MonotonicCounter(f"GPU {i} NVLink rx counter (KiB)")
+        self.ecc_corrected = MonotonicCounter(f"GPU {i} corrected ECC errors", keep_first=True)
+        self.ecc_uncorrected = MonotonicCounter(f"GPU {i} uncorrected ECC errors", keep_first=True)
+
+    @property
+    def energy_integrated(self) -> bool:
+        return self.power_integral is not None
+
+
+def _scaled(value: float | None, factor: float) -> int | None:
+    return None if value is None else int(value * factor)
 
 
 class NvmlSource:
@@ -235,6 +167,7 @@ class NvmlSource:
         self._nv: Any = None
         self._gpus: list[_Gpu] = []
         self._once = OnceLogger(log)
+        self._check = ReadingCheck(log)
         self._throttle_fn = _CLOCK_EVENTS_FN
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -267,6 +200,9 @@ class NvmlSource:
             )
         log.info("NVML source: driver %s, %d of %d GPUs", driver, len(self._gpus), count)
         return [gpu.info for gpu in self._gpus]
+
+    def interrupt(self) -> None:
+        """Nothing to abort: NVML calls are local, and the driver bounds them."""
 
     def close(self) -> None:
         if self._nv is None:
@@ -328,9 +264,9 @@ class NvmlSource:
         all-links scope. Then GPM rates (Hopper and newer) integrated over time.
         """
         ids = [
-            (_FI_NVLINK_LINK_COUNT, 0),
-            (_FI_NVLINK_DATA_TX, _SCOPE_ALL_LINKS),
-            (_FI_NVLINK_DATA_RX, _SCOPE_ALL_LINKS),
+            (nvml_h.FI_NVLINK_LINK_COUNT, 0),
+            (nvml_h.FI_NVLINK_DATA_TX, nvml_h.SCOPE_ALL_LINKS),
+            (nvml_h.FI_NVLINK_DATA_RX, nvml_h.SCOPE_ALL_LINKS),
         ]
         values = self._field_values(gpu, ids, quiet=True)
         if values is not None:
@@ -343,9 +279,9 @@ class NvmlSource:
                 gpu.nvlink_tx.update(tx_kib)
                 gpu.nvlink_rx.update(rx_kib)
                 return
-            all_links = range(links or _NVLINK_MAX_LINKS)
-            ids = [(_FI_NVLINK_DATA_TX, link) for link in all_links] + [
-                (_FI_NVLINK_DATA_RX, link) for link in all_links
+            all_links = range(links or nvml_h.NVLINK_MAX_LINKS)
+            ids = [(nvml_h.FI_NVLINK_DATA_TX, link) for link in all_links] + [
+                (nvml_h.FI_NVLINK_DATA_RX, link) for link in all_links
             ]
             per_link = self._field_values(gpu, ids, quiet=True)
             if per_link is not None:
@@ -375,10 +311,10 @@ class NvmlSource:
         if self._call(gpu, "nvlink", "nvmlGpmSampleGet", gpu.handle, gpu.gpm_samples[0], quiet=True) is None:
             return False
         request = nv.c_nvmlGpmMetricsGet_t()
-        request.version = _GPM_METRICS_GET_VERSION
+        request.version = nvml_h.GPM_METRICS_GET_VERSION
         request.numMetrics = 2
-        request.metrics[0].metricId = _GPM_NVLINK_TOTAL_TX_PER_SEC
-        request.metrics[1].metricId = _GPM_NVLINK_TOTAL_RX_PER_SEC
+        request.metrics[0].metricId = nvml_h.GPM_NVLINK_TOTAL_TX_PER_SEC
+        request.metrics[1].metricId = nvml_h.GPM_NVLINK_TOTAL_RX_PER_SEC
         gpu.gpm_request = request
         gpu.gpm_last_s = now_s
         gpu.nvlink_mode = "gpm"
@@ -395,10 +331,10 @@ class NvmlSource:
             self._unsupported(gpu, "xid", f"no NVML event set: {exc}")
             return
         try:
-            nv.nvmlDeviceRegisterEvents(gpu.handle, _EVENT_XID_CRITICAL, event_set)
+            nv.nvmlDeviceRegisterEvents(gpu.handle, nvml_h.EVENT_XID_CRITICAL, event_set)
         except nv.NVMLError as exc:
             nv.nvmlEventSetFree(event_set)
-            if exc.value in _GPU_FAILED:
+            if exc.value in nvml_h.GPU_FAILED:
                 raise _GpuNotAnswering(f"xid: {exc}") from exc
             self._unsupported(gpu, "xid", f"cannot register for XID events: {exc}")
             return
@@ -449,18 +385,20 @@ class NvmlSource:
             s.memory_total_bytes = int(memory.total)
         util = self._call(gpu, "utilization", "nvmlDeviceGetUtilizationRates", h)
         s.utilization = util.gpu / 100.0 if util is not None else None
-        clock_mhz = self._call(gpu, "sm_clock", "nvmlDeviceGetClockInfo", h, _CLOCK_SM)
+        clock_mhz = self._call(gpu, "sm_clock", "nvmlDeviceGetClockInfo", h, nvml_h.CLOCK_SM)
         s.sm_clock_mhz = float(clock_mhz) if clock_mhz is not None else None
-        temperature_c = self._call(gpu, "temperature", "nvmlDeviceGetTemperature", h, _TEMPERATURE_GPU)
+        temperature_c = self._call(gpu, "temperature", "nvmlDeviceGetTemperature", h, nvml_h.TEMPERATURE_GPU)
         s.temperature_c = float(temperature_c) if temperature_c is not None else None
         s.throttle_reasons = self._read_throttle(gpu)
         self._read_nvlink(gpu, s, now_s)
-        corrected = self._call(gpu, "ecc", "nvmlDeviceGetTotalEccErrors", h, _ECC_CORRECTED, _ECC_VOLATILE)
+        ecc_fn, volatile = "nvmlDeviceGetTotalEccErrors", nvml_h.ECC_VOLATILE
+        corrected = self._call(gpu, "ecc", ecc_fn, h, nvml_h.ECC_CORRECTED, volatile)
         if corrected is not None:
-            s.ecc_corrected = int(corrected)
-            uncorrected = self._call(gpu, "ecc", "nvmlDeviceGetTotalEccErrors", h, _ECC_UNCORRECTED, _ECC_VOLATILE)
-            s.ecc_uncorrected = int(uncorrected) if uncorrected is not None else None
+            s.ecc_corrected = _scaled(gpu.ecc_corrected.update(corrected), 1)
+            uncorrected = self._call(gpu, "ecc", ecc_fn, h, nvml_h.ECC_UNCORRECTED, volatile)
+            s.ecc_uncorrected = _scaled(gpu.ecc_uncorrected.update(uncorrected), 1)
         self._read_xid(gpu, s)
+        self._check.sweep(s)
 
     def _read_energy_counter(self, gpu: _Gpu, now_s: float) -> float | None:
         """Joules since open from the hardware counter (mJ since driver load). Where the GPU
@@ -469,7 +407,7 @@ class NvmlSource:
         try:
             energy_mj = int(nv.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
         except nv.NVMLError as exc:
-            if exc.value in _UNSUPPORTED:
+            if exc.value in nvml_h.UNSUPPORTED:
                 self._once.warn(
                     (gpu.index, "energy"),
                     "GPU %d: no energy counter (%s); integrating power over time instead",
@@ -480,27 +418,21 @@ class NvmlSource:
             else:
                 self._failed(gpu, "energy", exc)
             return None
-        return gpu.energy.update(energy_mj) / 1000.0
+        total_mj = gpu.energy.update(energy_mj)
+        return None if total_mj is None else total_mj / 1000.0
 
     def _read_energy(self, gpu: _Gpu, s: GpuSample, now_s: float) -> None:
-        if not gpu.energy_integrated:
+        if gpu.power_integral is None:
             s.energy_j = self._read_energy_counter(gpu, now_s)
-            if not gpu.energy_integrated:
+            if gpu.power_integral is None:
                 return  # a value, or a one-tick failure that leaves the counter as it was
         s.energy_method = "integrated"
-        if s.power_w is None:
-            return
-        # NVML power is an average over the last second or so, so the latest reading is the
-        # best estimate for the whole interval since the previous one.
-        if gpu.last_power_s is not None:
-            gpu.integrated_energy_j += s.power_w * max(0.0, now_s - gpu.last_power_s)
-        gpu.last_power_s = now_s
-        s.energy_j = gpu.integrated_energy_j
+        s.energy_j = gpu.power_integral.update(s.power_w, now_s)
 
     def _start_integrating(self, gpu: _Gpu, now_s: float) -> None:
-        gpu.energy_integrated = True
-        gpu.integrated_energy_j = gpu.energy.value / 1000.0  # carry on from the counter, no reset
-        gpu.last_power_s = now_s
+        # Carries on from what the counter counted (no reset); the first power reading after
+        # this is the integral's first point.
+        gpu.power_integral = Integral(f"GPU {gpu.index} power (W)", start=gpu.energy.total / 1000.0)
 
     def _read_throttle(self, gpu: _Gpu) -> int | None:
         if "throttle_reasons" in gpu.unsupported:
@@ -509,10 +441,10 @@ class NvmlSource:
         fn = getattr(nv, self._throttle_fn, None)
         try:
             if fn is None:
-                raise nv.NVMLError(_ERR_FUNCTION_NOT_FOUND)
+                raise nv.NVMLError(nvml_h.ERR_FUNCTION_NOT_FOUND)
             return int(fn(gpu.handle))
         except nv.NVMLError as exc:
-            if exc.value == _ERR_FUNCTION_NOT_FOUND and self._throttle_fn == _CLOCK_EVENTS_FN:
+            if exc.value == nvml_h.ERR_FUNCTION_NOT_FOUND and self._throttle_fn == _CLOCK_EVENTS_FN:
                 # The driver (or binding) predates the clocks-event name: use the older one.
                 log.info("NVML: %s not available, using %s", _CLOCK_EVENTS_FN, _THROTTLE_FN)
                 self._throttle_fn = _THROTTLE_FN
@@ -523,18 +455,19 @@ class NvmlSource:
     def _read_nvlink(self, gpu: _Gpu, s: GpuSample, now_s: float) -> None:
         if gpu.nvlink_mode in ("aggregate", "links"):
             if gpu.nvlink_mode == "aggregate":
-                ids = [(_FI_NVLINK_DATA_TX, _SCOPE_ALL_LINKS), (_FI_NVLINK_DATA_RX, _SCOPE_ALL_LINKS)]
+                all_links = nvml_h.SCOPE_ALL_LINKS
+                ids = [(nvml_h.FI_NVLINK_DATA_TX, all_links), (nvml_h.FI_NVLINK_DATA_RX, all_links)]
             else:
-                ids = [(_FI_NVLINK_DATA_TX, link) for link in gpu.nvlink_links]
-                ids += [(_FI_NVLINK_DATA_RX, link) for link in gpu.nvlink_links]
+                ids = [(nvml_h.FI_NVLINK_DATA_TX, link) for link in gpu.nvlink_links]
+                ids += [(nvml_h.FI_NVLINK_DATA_RX, link) for link in gpu.nvlink_links]
             values = self._field_values(gpu, ids)
             if values is None or any(v is None for v in values):
                 return
             half = len(values) // 2
             tx_kib = sum(v or 0 for v in values[:half])
             rx_kib = sum(v or 0 for v in values[half:])
-            s.nvlink_tx_bytes = gpu.nvlink_tx.update(tx_kib) * _BYTES_PER_KIB
-            s.nvlink_rx_bytes = gpu.nvlink_rx.update(rx_kib) * _BYTES_PER_KIB
+            s.nvlink_tx_bytes = _scaled(gpu.nvlink_tx.update(tx_kib), _BYTES_PER_KIB)
+            s.nvlink_rx_bytes = _scaled(gpu.nvlink_rx.update(rx_kib), _BYTES_PER_KIB)
         elif gpu.nvlink_mode == "gpm":
             self._read_gpm(gpu, s, now_s)
 
@@ -554,10 +487,17 @@ class NvmlSource:
             if metric.nvmlReturn != 0:
                 self._failed(gpu, "nvlink", self._nv.NVMLError(metric.nvmlReturn))
                 return
-        gpu.gpm_tx_bytes += tx.value * _BYTES_PER_MIB * dt_s
-        gpu.gpm_rx_bytes += rx.value * _BYTES_PER_MIB * dt_s
-        s.nvlink_tx_bytes = round(gpu.gpm_tx_bytes)
-        s.nvlink_rx_bytes = round(gpu.gpm_rx_bytes)
+        # GPM gives the mean rate between its two samples, which are this interval's ends, so
+        # rate x interval is exact here (no trapezoid between point readings). An impossible
+        # rate leaves that direction's traffic for the interval unknown: missing, never subtracted.
+        tx_mibs = self._check(gpu.index, "nvlink_tx_rate", float(tx.value))
+        if tx_mibs is not None:
+            gpu.gpm_tx_bytes += tx_mibs * _BYTES_PER_MIB * dt_s
+            s.nvlink_tx_bytes = round(gpu.gpm_tx_bytes)
+        rx_mibs = self._check(gpu.index, "nvlink_rx_rate", float(rx.value))
+        if rx_mibs is not None:
+            gpu.gpm_rx_bytes += rx_mibs * _BYTES_PER_MIB * dt_s
+            s.nvlink_rx_bytes = round(gpu.gpm_rx_bytes)
 
     def _read_xid(self, gpu: _Gpu, s: GpuSample) -> None:
         if gpu.event_set is None:
@@ -567,10 +507,10 @@ class NvmlSource:
             try:
                 event = nv.nvmlEventSetWait(gpu.event_set, 0)  # 0 ms: poll, never block the tick
             except nv.NVMLError as exc:
-                if exc.value != _ERR_TIMEOUT:  # Timeout means "no event pending"
+                if exc.value != nvml_h.ERR_TIMEOUT:  # Timeout means "no event pending"
                     self._failed(gpu, "xid", exc)
                 break
-            if event.eventType & _EVENT_XID_CRITICAL:
+            if event.eventType & nvml_h.EVENT_XID_CRITICAL:
                 gpu.xid_errors += 1
                 gpu.last_xid = int(event.eventData)
                 log.warning("GPU %d: XID %d", gpu.index, gpu.last_xid)
@@ -610,7 +550,8 @@ class NvmlSource:
             code = int(value.nvmlReturn)
             if code == 0:
                 # Field 91 is an unsigned int, the throughput counters unsigned long long.
-                out.append(int(value.value.uiVal if value.fieldId == _FI_NVLINK_LINK_COUNT else value.value.ullVal))
+                is_uint = value.fieldId == nvml_h.FI_NVLINK_LINK_COUNT
+                out.append(int(value.value.uiVal if is_uint else value.value.ullVal))
                 continue
             out.append(None)
             self._failed(gpu, "nvlink", self._nv.NVMLError(code), quiet=quiet)
@@ -618,12 +559,12 @@ class NvmlSource:
 
     def _failed(self, gpu: _Gpu, what: str, exc: Any, quiet: bool = False) -> None:
         code = exc.value
-        if code in _GPU_FAILED:
+        if code in nvml_h.GPU_FAILED:
             raise _GpuNotAnswering(f"{what}: {exc}")
         if quiet:
             log.debug("GPU %d: %s refused (%s)", gpu.index, what, exc)
             return
-        if code in _UNSUPPORTED:
+        if code in nvml_h.UNSUPPORTED:
             self._unsupported(gpu, what, str(exc))
             return
         self._once.warn(

@@ -65,5 +65,8 @@ class SimSource:
             )
         return samples
 
+    def interrupt(self) -> None:
+        """Nothing to abort: sampling waits on no peer."""
+
     def close(self) -> None:
         """Nothing to release."""

@@ -137,6 +137,10 @@ class Telemetry:
                     "host.name": socket.gethostname(),
                     "rackscope.rack": self.identity.rack,
                     "rackscope.node": self.identity.node,
+                    # Stable per node, not the SDK's random UUID per process: a restarted agent
+                    # continues its own series instead of leaving the old instance's gauges
+                    # frozen beside the new ones until the collector expires them.
+                    "service.instance.id": f"{self.identity.rack}/{self.identity.node}",
                 }
             )
             provider = MeterProvider(

@@ -180,8 +180,11 @@ class TrtllmEngine:
             if not finished:
                 _abort(result)
 
-    async def stats(self, timeout_s: float = DEFAULT_STATS_TIMEOUT_S) -> dict[str, Any]:
-        """Drain the runtime's iteration statistics and summarise them (``summarize_iteration_stats``)."""
+    async def iteration_stats(self, timeout_s: float = DEFAULT_STATS_TIMEOUT_S) -> dict[str, Any]:
+        """Drain the runtime's iteration statistics and summarise them (``summarize_iteration_stats``).
+
+        Not ``stats``: that name is the ``ReportsStats`` capability (a synchronous
+        ``EngineStats``), which this engine does not offer."""
         llm, _ = self._started()
         records: list[Any]
         try:

@@ -49,7 +49,7 @@ REPORT_NAME = "trtllm-bench-report.json"
 LOG_NAME = "trtllm-bench.log"
 LOG_TAIL_LINES = 40
 MS_PER_S = 1000.0
-# The run record's distribution keys (runner.results.distribution), and where each comes
+# The run record's distribution keys (runner.results.stats.distribution), and where each comes
 # from in a trtllm-bench percentile block; trtllm-bench reports no p99.9.
 DISTRIBUTION_KEYS = {
     "mean": "average",
@@ -256,7 +256,7 @@ def _energy_j(report: Mapping[str, Any], performance: Mapping[str, Any]) -> floa
 def parse_report(path: Path) -> dict[str, Any]:
     """A trtllm-bench report JSON as the run record's ``summary`` (seconds, not ms).
 
-    The keys are those of ``runner.results.summarize``: request counts, ``input_tokens``,
+    The keys are those of ``runner.results.window.summarize``: request counts, ``input_tokens``,
     ``output_tokens``, ``duration_s``, throughputs (``output_tokens_per_s``,
     ``output_tokens_per_s_per_gpu``, ``total_tokens_per_s``, ``requests_per_s``), ``gpus``,
     energy (``energy_j``, ``average_power_w``, ``output_tokens_per_j``: None unless the

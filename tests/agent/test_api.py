@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -32,6 +33,7 @@ def wait_for(predicate, timeout_s: float = 10.0, step_s: float = 0.05):  # type:
     raise AssertionError("condition not met in time")
 
 
+@pytest.mark.slow
 def test_health_and_node_view(live_agent: LiveAgent) -> None:
     assert httpx.get(live_agent.api + "/healthz").json()["status"] == "ok"
     node = httpx.get(live_agent.api + "/v1/node").json()
@@ -44,6 +46,7 @@ def test_health_and_node_view(live_agent: LiveAgent) -> None:
     assert node["metrics_port"] == int(live_agent.metrics.rsplit(":", 1)[1])
 
 
+@pytest.mark.slow
 def test_power_cap_fault_shows_in_metrics_and_clears(live_agent: LiveAgent) -> None:
     live_agent.agent.sim_gpus[0].set_load(1.0)  # type: ignore[index]
     wait_for(lambda: metric_values(live_agent.metrics, "hw_power_watts").get("0", 0) > 600)
@@ -104,7 +107,9 @@ def test_token_is_required_on_mutating_calls_only(token_agent: LiveAgent) -> Non
     assert httpx.post(token_agent.api + "/v1/runs", json={"duration_s": 1}).status_code == 401
 
 
-def test_runs_one_at_a_time_with_record_and_requests(live_agent: LiveAgent) -> None:
+@pytest.mark.slow
+def test_runs_one_at_a_time_with_record_and_requests(live_agent: LiveAgent, tmp_path: Path) -> None:
+    live_agent.agent.runs.results_dir = str(tmp_path)
     r = httpx.post(
         live_agent.api + "/v1/runs",
         json={
@@ -136,15 +141,20 @@ def test_runs_one_at_a_time_with_record_and_requests(live_agent: LiveAgent) -> N
     assert httpx.get(live_agent.api + "/v1/runs/nope").status_code == 404
     tokens = metric_values(live_agent.metrics, "rackscope_tokens_total")
     assert tokens, "workload tokens reach the agent's metrics endpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.json", "first.requests.jsonl"]
+    again = httpx.post(live_agent.api + "/v1/runs", json={"engine": "sim", "duration_s": 1.0, "run_id": "first"})
+    assert again.status_code == 409 and "already used" in again.text
 
 
-def test_cancel_stops_a_run_and_keeps_a_partial_summary(live_agent: LiveAgent) -> None:
+def test_cancel_stops_a_run_and_keeps_a_partial_summary(live_agent: LiveAgent, tmp_path: Path) -> None:
+    live_agent.agent.runs.results_dir = str(tmp_path)
     r = httpx.post(live_agent.api + "/v1/runs", json={"engine": "sim", "duration_s": 60, "run_id": "long"})
     assert r.status_code == 201
-    time.sleep(0.5)
+    wait_for(lambda: httpx.get(live_agent.api + "/v1/runs/long").json()["status"] == "running")
     assert httpx.post(live_agent.api + "/v1/runs/long/cancel").status_code == 200
     done = wait_for(lambda: (v := httpx.get(live_agent.api + "/v1/runs/long").json())["status"] == "cancelled" and v)
     assert done["summary"]["complete"] is False
+    assert (tmp_path / "long.json").stat().st_size > 0  # the partial record replaced the claimed name
 
 
 @pytest.mark.parametrize(
@@ -155,12 +165,45 @@ def test_cancel_stops_a_run_and_keeps_a_partial_summary(live_agent: LiveAgent) -
         ({"duration_s": -3}, "duration"),
         ({"start_at": 1.0, "duration_s": 1}, "start_at"),
         ({"flux_capacitor": True}, "flux_capacitor"),
+        ({"concurrency": True, "scenario": "concurrency", "duration_s": 1}, "concurrency"),
+        ({"concurrency": 16_385, "scenario": "concurrency", "duration_s": 1}, "less than or equal to 16384"),
+        ({"duration_s": 7 * 86_400 + 1}, "duration_s"),
+        ({"run_id": "../x", "duration_s": 1}, "run_id"),
+        ({"url": "ftp://x", "engine": "openai", "duration_s": 1}, "url"),
+        ({"url": "http:///v1", "engine": "openai", "duration_s": 1}, "with a host"),
+        ({"rack": "r9", "duration_s": 1}, "rack"),
+        ({"workers": 2, "engine": "openai", "url": "http://127.0.0.1:1", "duration_s": 1}, "rackscope run --workers"),
+        ({"scenario": "sweep", "sweep_over": "rate", "sweep": [1, 12_000], "duration_s": 1}, "sweep rates"),
+        ({"engine": "openai", "url": "http://127.0.0.1:1", "scenario": "concurrency", "concurrency": 16_384,
+          "input_len": 1_000_000, "duration_s": 1}, "prompt tokens in flight"),
+        ({"dataset": "prompts.jsonl", "duration_s": 1}, "--data-dir"),
+        ({"start_at": float("1e300"), "duration_s": 1}, "start_at"),
     ],
 )
 def test_bad_run_requests_get_422(live_agent: LiveAgent, body: dict, reason: str) -> None:
     r = httpx.post(live_agent.api + "/v1/runs", json=body)
     assert r.status_code == 422, r.text
     assert reason in r.text
+    assert httpx.get(live_agent.api + "/v1/runs").json() == []
+
+
+def test_validation_errors_name_the_field_and_clip_the_input(live_agent: LiveAgent) -> None:
+    r = httpx.post(live_agent.api + "/v1/runs", json={"model": "m" * 5000, "concurrency": "x" * 500})
+    assert r.status_code == 422
+    errors = {tuple(e["loc"]): e for e in r.json()["detail"]}
+    assert set(errors) == {("body", "model"), ("body", "concurrency")}
+    assert len(errors[("body", "model")]["input"]) <= 40
+    assert len(r.content) < 1000
+    not_json = httpx.post(live_agent.api + "/v1/runs", content=b"{" + b"x" * 1000,
+                          headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 422 and len(not_json.content) < 1000
+
+
+def test_unknown_and_malformed_run_ids(live_agent: LiveAgent) -> None:
+    assert httpx.get(live_agent.api + "/v1/runs/nope").status_code == 404
+    assert "nope" in httpx.get(live_agent.api + "/v1/runs/nope").json()["detail"]
+    assert httpx.get(live_agent.api + "/v1/runs/" + "x" * 300).status_code == 422
+    assert httpx.post(live_agent.api + "/v1/runs/.hidden/cancel").status_code == 422
 
 
 def test_faults_need_a_simulated_node() -> None:
@@ -177,3 +220,8 @@ def test_openapi_is_served(live_agent: LiveAgent) -> None:
     spec = httpx.get(live_agent.api + "/openapi.json").json()
     assert {"/healthz", "/v1/node", "/v1/faults", "/v1/runs", "/v1/runs/{run_id}/cancel"} <= set(spec["paths"])
     assert httpx.get(live_agent.api + "/docs").status_code == 200
+    links = spec["paths"]["/v1/runs"]["post"]["responses"]["201"]["links"]
+    assert {link["operationId"] for link in links.values()} == {"get_run", "cancel_run", "get_record"}
+    body = spec["components"]["schemas"]["RunBody"]["properties"]
+    assert body["concurrency"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 16384}
+    assert "rack" not in body and "node" not in body

@@ -1,8 +1,16 @@
-"""Fuzz the control API from its own OpenAPI schema against a real agent: never a 5xx."""
+"""Fuzz the control API from its own OpenAPI schema against a real agent: never a 5xx.
+
+Every operation on its own, then sequences that follow the schema's links (start a run, read
+it, cancel it, fetch its record) so calls meet the state earlier ones left behind.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import httpx
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
@@ -10,10 +18,13 @@ from schemathesis.checks import not_a_server_error
 from tests.agent.conftest import start_agent
 
 EXAMPLES_PER_OPERATION = 40
+STATEFUL_EXAMPLES = 25
 
 
-def test_no_server_errors_on_any_operation() -> None:
+@pytest.mark.slow
+def test_no_server_errors_on_any_operation(tmp_path: Path) -> None:
     live, stop = start_agent()
+    live.agent.runs.results_dir = str(tmp_path)
     calls: dict[str, int] = {}
     try:
         schema = schemathesis.openapi.from_url(live.api + "/openapi.json")
@@ -33,5 +44,36 @@ def test_no_server_errors_on_any_operation() -> None:
         # Parameterless GETs have one possible case; everything with a body or a path gets many.
         assert calls["POST /v1/faults"] >= 20 and calls["POST /v1/runs"] >= 20, calls
         assert httpx.get(live.api + "/healthz").json()["status"] == "ok"  # and it survived
+        assert all(p.parent == tmp_path for p in tmp_path.rglob("*"))  # records only where they belong
+    finally:
+        stop()
+
+
+@pytest.mark.slow
+def test_no_server_errors_along_the_schema_links(tmp_path: Path) -> None:
+    live, stop = start_agent()
+    live.agent.runs.results_dir = str(tmp_path)
+    seen: dict[str, int] = {}
+    try:
+        schema = schemathesis.openapi.from_url(live.api + "/openapi.json")
+        base = schema.as_state_machine()
+
+        class Runs(base):  # type: ignore[misc, valid-type]
+            def validate_response(self, response: Any, case: schemathesis.Case, **kwargs: Any) -> None:
+                key = f"{case.method} {case.operation.path} {response.status_code}"
+                seen[key] = seen.get(key, 0) + 1
+                case.validate_response(response, checks=[not_a_server_error], transport_kwargs=kwargs)
+
+            def teardown(self) -> None:  # each scenario starts with the agent free again
+                active = live.agent.runs.active
+                if active is not None:
+                    httpx.post(f"{live.api}/v1/runs/{active.run_id}/cancel", timeout=10)
+
+        Runs.run(settings=settings(max_examples=STATEFUL_EXAMPLES, deadline=None, stateful_step_count=6,
+                                   suppress_health_check=list(HealthCheck)))
+        # The links were followed: runs were started and then read through the id they returned.
+        assert any(k.startswith("POST /v1/runs 201") for k in seen), seen
+        assert any(k.startswith("GET /v1/runs/{run_id} 200") for k in seen), seen
+        assert httpx.get(live.api + "/healthz").json()["status"] == "ok"
     finally:
         stop()

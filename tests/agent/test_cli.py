@@ -7,12 +7,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.agent.conftest import spawn_agent
 from tests.agent.telemetry.otlp_receiver import OtlpHttpReceiver
+from tests.helpers import wait_for
 
 
 def free_port() -> int:
@@ -25,6 +27,7 @@ def rackscope(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[
     return subprocess.run([sys.executable, "-m", "rackscope", *args], capture_output=True, text=True, timeout=timeout_s)
 
 
+@pytest.mark.slow
 def test_the_documented_command_line_works_and_stops_cleanly_on_sigterm() -> None:
     metrics, api = free_port(), free_port()
     agent = spawn_agent(
@@ -67,6 +70,7 @@ def test_the_documented_command_line_works_and_stops_cleanly_on_sigterm() -> Non
             agent.proc.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_shutdown_flushes_the_last_otlp_export(sig: signal.Signals) -> None:
     receiver = OtlpHttpReceiver()
@@ -88,7 +92,12 @@ def test_shutdown_flushes_the_last_otlp_export(sig: signal.Signals) -> None:
             "--otlp-interval",
             "600",
         )
-        time.sleep(0.5)
+        # Sampled at least once (both GPUs on /metrics), yet nothing exported: the interval is
+        # far away, so whatever arrives after the signal is the shutdown flush's doing.
+        wait_for(
+            "both GPUs sampled",
+            lambda: httpx.get(f"http://127.0.0.1:{agent.metrics_port}/metrics").text.count("rackscope_gpu_up{") == 2,
+        )
         assert receiver.points() == []
         agent.proc.send_signal(sig)
         assert agent.proc.wait(15) == 0
@@ -113,8 +122,14 @@ def test_shutdown_flushes_the_last_otlp_export(sig: signal.Signals) -> None:
         (["--workload", "server"], "needs --rate"),
         (["--metrics-port", "9000", "--api-port", "9000"], "must differ"),
         (["--dcgm-url", "http://x:9400/metrics"], "--dcgm-url only applies to --source dcgm"),
+        (["--api-token-file", "/nonexistent/token"], "--api-token-file /nonexistent/token: cannot read it"),
+        (["--api-token", "a", "--api-token-file", "/dev/null"], "give the API token once"),
+        (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data is not a directory"),
+        (["--node", "../n01"], "--node must be"),
+        (["--workload", "concurrency", "--concurrency", "100000"], "concurrency must be at most 16,384"),
     ],
 )
+@pytest.mark.slow
 def test_bad_flags_exit_2_with_a_message(args: list[str], message: str) -> None:
     result = rackscope("agent", *args)
     assert result.returncode == 2, result.stderr
@@ -128,6 +143,7 @@ def test_help_shows_defaults() -> None:
         assert text in result.stdout, text
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_a_clear_error() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -139,6 +155,7 @@ def test_a_port_in_use_is_a_clear_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_sim_with_one_log_line() -> None:
     agent = spawn_agent(
         "--source", "auto", "--metrics-port", "0", "--api-port", "0", env={"LD_LIBRARY_PATH": "/nonexistent"}
@@ -150,3 +167,17 @@ def test_auto_falls_back_to_sim_with_one_log_line() -> None:
     finally:
         agent.proc.terminate()
         agent.proc.wait(15)
+
+
+def test_an_empty_token_file_exits_2(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text(" \n")
+    token.chmod(0o600)
+    result = rackscope("agent", "--api-token-file", str(token))
+    assert result.returncode == 2
+    assert "is empty" in result.stderr
+
+
+def test_help_says_a_token_flag_shows_in_ps() -> None:
+    result = rackscope("agent", "--help")
+    assert "`ps`" in result.stdout and "--api-token-file" in result.stdout and "--data-dir" in result.stdout

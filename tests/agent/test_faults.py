@@ -47,3 +47,19 @@ def test_apply_and_clear() -> None:
         apply_fault(gpus, parse_fault("thermal-throttle@9"))
     clear_all(gpus)
     assert all(g.faults.power_cap_w is None and not g.faults.dropped for g in gpus)
+
+
+def test_fault_names_are_declared_once() -> None:
+    from rackscope.agent.api import FaultBody
+    from rackscope.agent.faults import FAULTS, FaultName
+
+    names = [f.value for f in FaultName]
+    assert list(FAULTS) == names
+    assert all(FAULTS[f] == f.help and f.help for f in FaultName)
+    # The API publishes and accepts exactly these names; parsing and checks use the same ones.
+    assert FaultBody.model_json_schema()["properties"]["fault"]["enum"] == names
+    for name in FaultName:
+        assert FaultBody(fault=name.value).fault is name
+        assert parse_fault(name.value) == Fault(name)
+    with pytest.raises(ValueError, match="fault"):
+        FaultBody(fault="meltdown")

@@ -1,4 +1,8 @@
-"""Settings precedence: argument > RACKSCOPE_* > OTEL_* > default, as a table."""
+"""Settings precedence: argument > RACKSCOPE_* > OTEL_* > default, as a table; the token, data
+directory and identity checks."""
+
+import logging
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +80,82 @@ def test_token_allows_binding_off_loopback() -> None:
     settings = resolve({"api_host": "0.0.0.0"}, {"RACKSCOPE_API_TOKEN": "s3cret"}, BASE)
     assert settings.api_token == "s3cret"
     assert resolve({"api_host": "::1"}, {}, BASE).api_host == "::1"
+
+
+# --- the API token and the data directory ----------------------------------------------------------
+def token_file(tmp_path: Path, text: str, mode: int = 0o600) -> str:
+    path = tmp_path / "token"
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ({"api_token_file": "FILE"}, {}, "from-file"),
+        ({}, {"RACKSCOPE_API_TOKEN_FILE": "FILE"}, "from-file"),
+        ({"api_token": "from-flag"}, {"RACKSCOPE_API_TOKEN_FILE": "FILE"}, "from-flag"),
+        ({"api_token_file": "FILE"}, {"RACKSCOPE_API_TOKEN": "from-env"}, "from-file"),
+        ({}, {"RACKSCOPE_API_TOKEN": "from-env"}, "from-env"),
+        ({}, {"RACKSCOPE_API_TOKEN": ""}, None),
+    ],
+)
+def test_token_sources(tmp_path: Path, args: dict[str, str], env: dict[str, str], expected: str | None) -> None:
+    path = token_file(tmp_path, "\n  from-file \t\n")
+    fill = {k: path if v == "FILE" else v for k, v in args.items()}
+    settings = resolve(fill, {k: path if v == "FILE" else v for k, v in env.items()}, BASE)
+    assert settings.api_token == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("  \n", "is empty"),
+        ("two words", "visible ASCII"),
+        ("x" * 70_000, "larger than 65,536 bytes"),
+        ("t\u00f6ken", "more than ASCII"),
+    ],
+)
+def test_bad_token_files_are_refused(tmp_path: Path, content: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve({"api_token_file": token_file(tmp_path, content)}, {}, BASE)
+
+
+def test_token_file_that_cannot_be_read_or_comes_twice(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it"):
+        resolve({"api_token_file": str(tmp_path / "missing")}, {}, BASE)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        resolve({"api_token_file": str(tmp_path)}, {}, BASE)
+    path = token_file(tmp_path, "x")
+    with pytest.raises(ConfigError, match="give the API token once"):
+        resolve({"api_token": "a", "api_token_file": path}, {}, BASE)
+    with pytest.raises(ConfigError, match="give the API token once"):
+        resolve({}, {"RACKSCOPE_API_TOKEN": "a", "RACKSCOPE_API_TOKEN_FILE": path}, BASE)
+
+
+def test_a_token_file_others_can_read_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert resolve({"api_token_file": token_file(tmp_path, "t", 0o644)}, {}, BASE).api_token == "t"
+    assert "readable by other users" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resolve({"api_token_file": token_file(tmp_path, "t", 0o600)}, {}, BASE)
+    assert caplog.text == ""
+
+
+def test_data_dir_and_dataset_limit(tmp_path: Path) -> None:
+    settings = resolve({}, {"RACKSCOPE_DATA_DIR": str(tmp_path), "RACKSCOPE_DATASET_MAX_MIB": "16"}, BASE)
+    assert (settings.data_dir, settings.dataset_max_mib) == (str(tmp_path), 16)
+    assert resolve({}, {}, BASE).data_dir is None
+    assert resolve({}, {}, BASE).dataset_max_mib == 256
+    with pytest.raises(ConfigError, match="is not a directory"):
+        resolve({"data_dir": str(tmp_path / "missing")}, {}, BASE)
+    with pytest.raises(ConfigError, match="--dataset-max-mib must be between"):
+        resolve({"dataset_max_mib": 0}, {}, BASE)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "x" * 129, "bad\nname"])
+def test_identity_must_be_a_plain_name(name: str) -> None:
+    with pytest.raises(ConfigError, match="--node must be"):
+        resolve({"node": name}, {}, BASE)

@@ -37,6 +37,7 @@ def tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_build_then_check_then_tamper(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["dashboards", "check", "--root", str(tree)]) == 1  # nothing generated yet
     assert main(["dashboards", "build", "--root", str(tree)]) == 0

@@ -4,6 +4,7 @@ each other and the rules, the agent Dockerfile."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
@@ -35,6 +36,7 @@ def check_compose(path: Path) -> subprocess.CompletedProcess[str]:
                           check=False, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_compose_file_matches_the_compose_spec(tmp_path: Path) -> None:
     result = check_compose(ROOT / "docker-compose.yml")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -68,7 +70,9 @@ def test_eighteen_simulated_gb300_nodes_form_rack_r1() -> None:
         assert f["--workload"] == "offline"
         assert f["--otlp-endpoint"] == "http://otel-collector:4318"
         assert f["--api-host"] == "0.0.0.0"
-        assert f["--api-token"].startswith("${RACKSCOPE_API_TOKEN")
+        # Off loopback a token is mandatory; it comes from the environment, never the visible command line.
+        assert "--api-token" not in f
+        assert service["environment"]["RACKSCOPE_API_TOKEN"].startswith("${RACKSCOPE_API_TOKEN")
         assert f["--metrics-host"] == "0.0.0.0"
         assert service["healthcheck"]["test"][0] == "CMD"
         assert service["build"]["dockerfile"] == "Dockerfile"
@@ -90,7 +94,9 @@ def test_images_are_pinned_and_services_have_healthchecks() -> None:
 def test_gpu_profile_runs_an_nvml_agent() -> None:
     gpu = compose()["services"]["agent-gpu"]
     assert gpu["profiles"] == ["gpu"]
-    assert gpu["gpus"] == "all"
+    assert "gpus" not in gpu
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
     f = flags(gpu["command"])
     assert f["--source"] == "nvml"
     assert "--workload" not in f
@@ -156,6 +162,26 @@ def test_direct_scrape_alternative_scrapes_every_agent() -> None:
     assert sorted(job["static_configs"][0]["targets"]) == sorted(f"{s}:9464" for s in agent_services())
     volume = compose()["services"]["prometheus"]["volumes"][0]
     assert volume.startswith("./deploy/compose/${RACKSCOPE_PROMETHEUS_CONFIG:-prometheus.yml}:")
+    (gpu_job,) = [j for j in load("prometheus-direct.yml")["scrape_configs"] if j["job_name"] == "rackscope-gpu-agent"]
+    assert gpu_job["static_configs"][0]["targets"] == ["agent-gpu:9464"]
+
+
+def test_documented_gpu_commands_start_the_real_node_without_the_simulated_rack() -> None:
+    # `docker compose --profile gpu up` alone would start the 18 simulated nodes too, mixing real
+    # and simulated data in one rack: every documented GPU command names its services.
+    services = set(compose()["services"])
+    simulated = set(agent_services())
+    texts = [ROOT / "README.md", ROOT / "docker-compose.yml", *sorted((ROOT / "docs").glob("*.md"))]
+    commands = []
+    for path in texts:
+        joined = re.sub(r"`?\s*\n\s*#?\s*`?", " ", path.read_text())  # commands wrapped over lines
+        commands += re.findall(r"docker compose --profile gpu up(?: -d)?((?: [a-z][\w-]*)*)", joined)
+    assert len(commands) >= 2
+    for named in commands:
+        words = named.split()
+        names = set(itertools.takewhile(lambda w: w in services, words))  # the prose after it is not a service
+        assert "agent-gpu" in names, named
+        assert not names & simulated, named
 
 
 def test_alertmanager_routes_and_inhibitions_name_real_alerts() -> None:

@@ -62,6 +62,7 @@ def _crd_roundtrip(kind: str, doc: dict[str, Any]) -> None:
     assert model.model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ServiceMonitor", "PrometheusRule"])
 def test_prometheus_operator_resources_match_the_crd_schemas(kind: str) -> None:
     _crd_roundtrip(kind, by_kind(kind))

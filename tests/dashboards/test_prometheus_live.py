@@ -16,6 +16,11 @@ production 1 m windows and 5 m ``for:`` ride them out.) The test checks that
 - a power cap injected on one node through its control API (POST /v1/faults) makes the
   straggler alert fire (and the power-throttle alert);
 - every query of every dashboard panel, template variables set to real values, returns data.
+
+The inference-server panels read what an agent scrapes from a server's own metrics page: one
+idle ``rackscope serve-sim`` (vLLM's names) is scraped by n01 (``--engine-metrics``), so those
+series exist (its queue and token counters stay at zero: the rack's load runs on the agents'
+simulated engines, not through it).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from tests.dashboards import grafana_json as gj
 PROMETHEUS = "/usr/bin/prometheus"
 NODES = ("n01", "n02", "n03", "n04")
 FAULTY_NODE = "n02"
+ENGINE_NODE = "n01"  # the node whose agent scrapes an inference server's metrics page
 RACK = "r1"
 # The expected rack: 4 nodes x 4 GB300 GPUs at the published ~15,291 tokens/s each.
 BASELINE_TPS = 4 * 4 * 1_100_948.3 / 72
@@ -54,6 +60,7 @@ SCRAPE_INTERVAL = "1s"
 
 pytestmark = [
     pytest.mark.timeout(240),
+    pytest.mark.slow,  # one real Prometheus and a simulated rack, about a minute
 ]
 
 
@@ -121,11 +128,26 @@ class Rack:
         return [a for a in r.json()["data"]["alerts"] if a["state"] == state]
 
 
-def start_agent(node: str, tmp: Path) -> Agent:
+def start_serve_sim(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """An idle ``rackscope serve-sim``; returns it and its URL."""
+    log = tmp / "serve-sim.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "rackscope", "serve-sim", "--gpu-model", "h100",
+                                    "--gpus", "1", "--port", "0"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
+
+    def listening() -> re.Match[str] | None:
+        if process.poll() is not None:
+            raise AssertionError(f"serve-sim exited: {log.read_text()[-3000:]}")
+        return re.search(r"listening on (http://\S+)", log.read_text())
+
+    return process, wait_for("serve-sim", listening, timeout_s=30).group(1)
+
+
+def start_agent(node: str, tmp: Path, *extra: str) -> Agent:
     log = tmp / f"agent-{node}.log"
     cmd = [sys.executable, "-m", "rackscope", "agent", "--source", "sim", "--gpu-model", "gb300", "--gpus", "4",
            "--rack", RACK, "--node", node, "--metrics-port", "0", "--api-port", "0",
-           "--results-dir", str(tmp / f"results-{node}")]
+           "--results-dir", str(tmp / f"results-{node}"), *extra]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RACKSCOPE_", "OTEL_"))}
     with log.open("wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
@@ -186,7 +208,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def rack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rack]:
     tmp = tmp_path_factory.mktemp("live")
-    agents = {node: start_agent(node, tmp) for node in NODES}
+    server, server_url = start_serve_sim(tmp)
+    agents = {node: start_agent(node, tmp, *(("--engine-metrics", server_url) if node == ENGINE_NODE else ()))
+              for node in NODES}
     prometheus: subprocess.Popen[bytes] | None = None
     client = httpx.Client(timeout=10)
     try:
@@ -253,9 +277,11 @@ def rack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rack]:
             stop(prometheus)
         for agent in agents.values():
             stop(agent.process)
+        stop(server)
         shutil.rmtree(tmp / "tsdb", ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_no_alert_fires_on_a_healthy_rack(rack: Rack) -> None:
     assert rack.healthy_firing == []
     assert rack.healthy_pending == []
@@ -319,6 +345,7 @@ def _has_data(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(v[1])) for v in points)
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_returns_data(rack: Rack) -> None:
     empty = []
     checked = 0

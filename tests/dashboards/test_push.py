@@ -190,6 +190,7 @@ def grafana() -> Iterator[tuple[str, GrafanaState]]:
         server.server_close()
 
 
+@pytest.mark.slow
 def test_push_waits_for_health_then_uploads_everything(grafana: tuple[str, GrafanaState]) -> None:
     url, state = grafana
     state.unhealthy_first = 2
@@ -227,6 +228,7 @@ def test_push_waits_for_health_then_uploads_everything(grafana: tuple[str, Grafa
     assert {d["version"] for d in state.dashboards.values()} == {2}
 
 
+@pytest.mark.slow
 def test_cli_takes_the_token_from_the_environment(grafana: tuple[str, GrafanaState],
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -237,6 +239,7 @@ def test_cli_takes_the_token_from_the_environment(grafana: tuple[str, GrafanaSta
     assert f"pushed 3 dashboard(s) to {url}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_wrong_token_is_an_error(grafana: tuple[str, GrafanaState], monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     url, state = grafana
@@ -248,6 +251,7 @@ def test_wrong_token_is_an_error(grafana: tuple[str, GrafanaState], monkeypatch:
     assert state.dashboards == {}
 
 
+@pytest.mark.slow
 def test_a_rejected_dashboard_is_reported(grafana: tuple[str, GrafanaState]) -> None:
     url, state = grafana
     state.reject_dashboards = True

@@ -35,7 +35,8 @@ def wait_for(what: str, check: Callable[[], T | None], timeout_s: float = 10.0, 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}" + (f" (last: {last!r})" if last else ""))
+            detail = f" (last: {last!r})" if last else ""
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}{detail}")
         time.sleep(interval_s)
 
 

@@ -203,6 +203,7 @@ def _expected(nodes: int, gpus: int, model: str = "gb300") -> float:
     return nodes * gpus * profile(model).llama2_70b_tokens_per_s
 
 
+@pytest.mark.slow
 def test_demo_json_small_rack(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     res = _demo("--nodes", "4", "--gpus-per-node", "4", "--duration", "3", "--json", "--output", str(out))
@@ -224,6 +225,7 @@ def test_demo_json_small_rack(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "nodes").iterdir()) == ["n01", "n02", "n03", "n04"]
 
 
+@pytest.mark.slow
 def test_demo_default_rack_with_a_fault() -> None:
     res = _demo(
         "--nodes",

@@ -27,7 +27,10 @@ class Behaviour:
     framing: str = "chunked"  # "chunked", "length" or "close"
     crlf: bool = False  # end SSE lines with CRLF (sse-starlette style)
     spaced: bool = False  # JSON with spaces after separators (Python's json module)
-    events_per_write: int = 1  # several token events in one write
+    events_per_write: int = 1  # several token events in one write (one chunk)
+    chunks_per_write: int = 1  # several token events in one write, each its own chunk
+    usage_null: bool = False  # content chunks carry "usage": null (SGLang style)
+    comments: bool = False  # an SSE comment line before each event (keep-alive pings)
     split: bool = False  # cut each event into small pieces sent separately
     usage: bool = True  # honour stream_options.include_usage
     status: int = 200  # an error status returns an OpenAI-style error body
@@ -148,19 +151,21 @@ class StreamingServer:
         base: dict[str, Any] = {"id": "cmpl-1", "created": 1, "model": body.get("model")}
 
         def event(obj: object) -> bytes:
-            return f"data: {dumps(obj)}{sep}{sep}".encode()
+            ping = f": ping{sep}" if b.comments else ""
+            return f"{ping}data: {dumps(obj)}{sep}{sep}".encode()
 
         def token(k: int) -> bytes:
             finish = "length" if k == tokens - 1 else None
+            extra: dict[str, Any] = {"usage": None} if b.usage_null else {}
             if chat:
                 if k < b.reasoning:
                     delta: dict[str, Any] = {"content": None, "reasoning_content": f" r{k}"}
                 else:
                     delta = {"content": f" t{k}", "reasoning_content": None}
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
-                return event({**base, "object": "chat.completion.chunk", "choices": [choice]})
+                return event({**base, "object": "chat.completion.chunk", "choices": [choice], **extra})
             choice = {"index": 0, "text": f" t{k}", "logprobs": None, "finish_reason": finish}
-            return event({**base, "object": "text_completion", "choices": [choice]})
+            return event({**base, "object": "text_completion", "choices": [choice], **extra})
 
         usage = {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": tokens + 7}
         if b.json_body:
@@ -208,11 +213,15 @@ class StreamingServer:
         sent = 0
         i = 0
         while i < len(events):
-            group = events[i : i + b.events_per_write]
+            group = events[i : i + max(b.events_per_write, b.chunks_per_write)]
             n_tokens = sum(1 for j in range(i, i + len(group)) if j >= first_token_event)
             if b.fail_after >= 0 and sent + n_tokens > b.fail_after:
                 return await self._fail(w, b, event, send)
-            await send(b"".join(group))
+            if b.chunks_per_write > 1 and not b.split:
+                w.write(b"".join(frame(e) for e in group))
+                await w.drain()
+            else:
+                await send(b"".join(group))
             sent += n_tokens
             i += len(group)
             if i < len(events) and b.itl_s:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 
@@ -9,7 +10,14 @@ import orjson
 import pytest
 
 from rackscope.errors import ConfigError
-from rackscope.runner.datasets import WORDS, SyntheticDataset, load_dataset, trtllm_lines
+from rackscope.runner.datasets import (
+    MAX_SEQUENCE_TOKENS,
+    WORDS,
+    SyntheticDataset,
+    load_dataset,
+    open_file,
+    trtllm_lines,
+)
 
 
 def test_synthetic_fixed_lengths_words_and_ids() -> None:
@@ -164,3 +172,83 @@ def test_seeded_lengths_do_not_depend_on_order_across_blocks() -> None:
     assert (req.prompt, req.input_ids) == (None, None)
     assert (text.sample(257).input_tokens, text.sample(257).output_tokens) == (req.input_tokens, req.max_output_tokens)
     assert len({(s.input_tokens, s.output_tokens) for s in want}) > 1  # drawn, not fixed
+
+
+# --- which files are read --------------------------------------------------------------------------
+GOOD_LINE = {"prompt": "hello there", "max_tokens": 3}
+
+
+def test_only_regular_files_within_the_size_limit_are_read(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "dir").mkdir()
+    big = _write(tmp_path / "big.jsonl", [GOOD_LINE] * 100)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_dataset(tmp_path / "pipe")  # a FIFO with no writer: refused, not waited on
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_dataset("/dev/zero")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_dataset(tmp_path / "dir")
+    with pytest.raises(ConfigError, match="the limit is 1,000"):
+        load_dataset(big, max_bytes=1000)
+    assert len(load_dataset(big, max_bytes=big.stat().st_size)) == 100
+    (tmp_path / "link.jsonl").symlink_to(big)  # the local user may name any file, links too
+    assert len(load_dataset(tmp_path / "link.jsonl")) == 100
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("/etc/hostname", "relative to the agent's data directory"),
+        ("../outside.jsonl", "must not contain '..'"),
+        ("sub/../../outside.jsonl", "must not contain '..'"),
+        ("escape.jsonl", "outside the agent's data directory"),
+        ("subescape/outside.jsonl", "outside the agent's data directory"),
+        ("zero", "outside the agent's data directory"),
+        ("pipe", "not a regular file"),
+        ("sub", "is a directory"),
+        (".", "outside the agent's data directory"),
+        ("", "non-empty"),
+        ("nul\x00", "non-empty"),
+        ("missing.jsonl", "No such file"),
+    ],
+)
+def test_names_resolve_only_inside_the_root(tmp_path: Path, name: str, message: str) -> None:
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    _write(tmp_path / "outside.jsonl", [GOOD_LINE])
+    (root / "escape.jsonl").symlink_to(tmp_path / "outside.jsonl")
+    (root / "subescape").symlink_to(tmp_path)
+    (root / "zero").symlink_to("/dev/zero")
+    os.mkfifo(root / "pipe")
+    with pytest.raises(ConfigError, match=message):
+        load_dataset(name, root=root)
+
+
+def test_names_inside_the_root_are_read_links_within_it_too(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "sets").mkdir(parents=True)
+    _write(root / "sets" / "a.jsonl", [GOOD_LINE] * 2)
+    (root / "latest.jsonl").symlink_to(root / "sets" / "a.jsonl")
+    assert len(load_dataset("sets/a.jsonl", root=root)) == 2
+    assert len(load_dataset("latest.jsonl", root=root)) == 2
+    assert load_dataset("sets/a.jsonl", root=root).describe()["file"] == "a.jsonl"
+    with pytest.raises(ConfigError, match="the limit is 10"):
+        load_dataset("sets/a.jsonl", root=root, max_bytes=10)
+
+
+def test_lengths_beyond_the_token_bound_are_refused_or_capped(tmp_path: Path) -> None:
+    path = _write(tmp_path / "long.jsonl", [{"prompt": "x", "max_tokens": MAX_SEQUENCE_TOKENS + 1}])
+    with pytest.raises(ConfigError, match="at most 1,048,576"):
+        load_dataset(path)
+    wide = SyntheticDataset(input_len=MAX_SEQUENCE_TOKENS, output_len=10, distribution="lognormal", spread=10.0,
+                            content="lengths")
+    assert max(wide.sample(i).input_tokens for i in range(2000)) <= MAX_SEQUENCE_TOKENS
+
+
+def test_a_file_that_grows_after_the_check_is_not_read_past_the_limit(tmp_path: Path) -> None:
+    path = _write(tmp_path / "grows.jsonl", [GOOD_LINE])
+    handle = open_file(path, max_bytes=path.stat().st_size + 10)
+    with path.open("ab") as more:
+        more.write(b"x" * 100)
+    with handle, pytest.raises(ConfigError, match="grew past its size limit"):
+        handle.read()

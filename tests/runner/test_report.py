@@ -15,11 +15,14 @@ import pytest
 
 from rackscope.agent.faults import Fault, apply_fault
 from rackscope.clock import VirtualClock
-from rackscope.rack.coordinator import NodeRun, assemble_record
+from rackscope.fileio import write_json
+from rackscope.rack.record import NodeRun, assemble_record
+from rackscope.runner.config import RunConfig
+from rackscope.runner.energy import SimEnergyMeter
 from rackscope.runner.engines.sim import SimEngine
 from rackscope.runner.report import write_report
-from rackscope.runner.results import write_json, write_run
-from rackscope.runner.scenarios import RunConfig, SimEnergyMeter, run_scenario
+from rackscope.runner.results.io import write_run
+from rackscope.runner.runloop import run_scenario
 from rackscope.simgpu import make_node_gpus
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -84,6 +87,7 @@ def bundle(built_bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(built_bundle, tmp_path / "bundle"))
 
 
+@pytest.mark.slow
 def test_rack_report_writes_plots_and_markdown(bundle: Path, tmp_path: Path) -> None:
     record: dict[str, Any] = json.loads((bundle / "rack.json").read_text())
     s = record["summary"]
@@ -109,6 +113,7 @@ def test_rack_report_writes_plots_and_markdown(bundle: Path, tmp_path: Path) -> 
     assert f"{p99:,.1f}" in md
 
 
+@pytest.mark.slow
 def test_run_report_and_default_folder(bundle: Path) -> None:
     run = bundle / "nodes" / "n01" / "run1.json"
     rec = json.loads(run.read_text())

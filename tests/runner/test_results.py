@@ -1,7 +1,9 @@
-"""Run records: exact statistics on constructed requests, the record layout, atomic writes, loading."""
+"""Run records: exact statistics on constructed requests, the record layout, atomic writes, loading,
+and the digest that ties a record to its per-request rows."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from datetime import UTC, datetime
@@ -12,25 +14,25 @@ import orjson
 import pytest
 
 from rackscope.errors import ResultError
+from rackscope.fileio import atomic_writer, write_json
+from rackscope.runner.compare import load_comparable
 from rackscope.runner.records import RequestRecord
-from rackscope.runner.results import (
-    SCHEMA,
-    Limits,
-    Phase,
-    RunResult,
-    atomic_writer,
-    distribution,
+from rackscope.runner.report import load_input
+from rackscope.runner.results.io import (
+    digest_file,
     load_requests,
     load_run,
-    percentile,
+    read_rows,
+    record_of,
     requests_path,
-    summarize,
-    timeseries,
-    tokens_between,
-    write_json,
-    write_jsonl,
+    rows_of,
+    write_rows,
     write_run,
 )
+from rackscope.runner.results.record import SCHEMA, RunResult
+from rackscope.runner.results.series import timeseries
+from rackscope.runner.results.stats import distribution, percentile
+from rackscope.runner.results.window import Limits, Phase, summarize, tokens_between
 
 
 def ok(rid: str, start: float, first: float, end: float, out: int, *, inp: int = 10, gpu: int | None = None,
@@ -210,7 +212,7 @@ def test_record_layout_and_per_gpu_totals(tmp_path: Path) -> None:
     assert [r["request_id"] for r in rows] == list("abcdefgh")
     assert rows[0]["ttft_s"] == pytest.approx(0.1)
     assert rows[5]["error_type"] == "http_5xx"
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp.*"))
     mode = stat.S_IMODE(os.stat(out).st_mode)
     assert mode & stat.S_IRGRP  # an ordinary readable file, not mkstemp's 0600
 
@@ -228,14 +230,14 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
     assert orjson.loads(path.read_bytes()) == {"v": 1}
 
     rows_path = tmp_path / "run.requests.jsonl"
-    write_jsonl(rows_path, [{"i": 0}])
+    write_rows(rows_path, [{"i": 0}])
 
     def rows() -> Any:
         yield {"i": 1}
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        write_jsonl(rows_path, rows())
+        write_rows(rows_path, rows())
     assert rows_path.read_bytes() == b'{"i":0}\n'
 
     def interrupted_write() -> None:
@@ -291,3 +293,106 @@ def test_sweep_record_has_one_point_each(tmp_path: Path) -> None:
     assert record["summary"]["output_tokens"] == 50
     rows = list(load_requests(tmp_path / "sweep.requests.jsonl"))
     assert [r["point"] for r in rows] == [0, 1, 1]
+
+
+# --- record and rows belong together -------------------------------------------------------------
+def test_record_names_its_rows_by_count_size_and_digest(tmp_path: Path) -> None:
+    out = write_run(make_result(), tmp_path / "run.json")
+    record = load_run(out)
+    rows_file = tmp_path / "run.requests.jsonl"
+    data = rows_file.read_bytes()
+    assert record["requests_digest"] == {
+        "rows": 8, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    assert digest_file(rows_file).to_json() == record["requests_digest"]
+    assert read_rows(out) == data
+    assert load_comparable(out)["run_id"] == "r1"
+
+
+def test_rows_swapped_in_from_another_run_are_refused(tmp_path: Path) -> None:
+    first = write_run(make_result(), tmp_path / "a" / "run.json")
+    other = make_result(Phase([ok("z", 0.0, 0.1, 1.0, 3)], 0.0, 1.0))
+    write_run(other, tmp_path / "b" / "run.json")
+    # The other run's rows, under the first record's rows name.
+    (tmp_path / "a" / "run.requests.jsonl").write_bytes((tmp_path / "b" / "run.requests.jsonl").read_bytes())
+    for load in (load_run, read_rows, load_comparable):
+        with pytest.raises(ResultError, match=r"run\.requests\.jsonl does not belong to the record .*run\.json: "
+                                              r"the record names 8 rows, .* the file has 1 rows"):
+            load(first)
+    # The summary alone is still there for whoever asks for it without the rows.
+    assert load_run(first, check_rows=False)["summary"]["requests_completed"] == 5
+
+
+def test_rows_edited_in_place_keep_their_count_and_size_but_not_their_digest(tmp_path: Path) -> None:
+    out = write_run(make_result(), tmp_path / "run.json")
+    rows_file = tmp_path / "run.requests.jsonl"
+    data = rows_file.read_bytes()
+    rows_file.write_bytes(data.replace(b'"request_id":"a"', b'"request_id":"A"'))
+    with pytest.raises(ResultError, match=f"the file has 8 rows, {len(data)} bytes, sha256"):
+        load_run(out)
+
+
+def test_record_without_digest_from_before_it_existed_still_loads(tmp_path: Path) -> None:
+    out = write_run(make_result(), tmp_path / "run.json")
+    old = orjson.loads(out.read_bytes())
+    del old["requests_digest"]
+    write_json(out, old)
+    # Its rows are whatever sits beside it: nothing to check them against.
+    (tmp_path / "run.requests.jsonl").write_bytes(b'{"request_id": "x", "ok": true}\n')
+    record = load_run(out)
+    assert record["summary"]["output_tokens"] == 56
+    assert "requests_digest" not in record
+    assert read_rows(out) == b'{"request_id": "x", "ok": true}\n'
+    assert [r["request_id"] for r in load_requests(tmp_path / "run.requests.jsonl")] == ["x"]
+    assert load_comparable(out)["summary"]["requests_completed"] == 5  # rackscope compare
+    assert load_input(out).notes == []  # rackscope report, with its rows
+
+
+def test_record_whose_rows_file_is_absent_loads_but_its_rows_cannot_be_read(tmp_path: Path) -> None:
+    out = write_run(make_result(), tmp_path / "run.json")
+    (tmp_path / "run.requests.jsonl").unlink()
+    assert load_run(out)["run_id"] == "r1"
+    with pytest.raises(ResultError, match="cannot read .*run.requests.jsonl"):
+        read_rows(out)
+
+
+@pytest.mark.parametrize(
+    ("digest", "message"),
+    [
+        ([1, 2], "'requests_digest' must be an object"),
+        ({"rows": -1, "bytes": 0, "sha256": "0" * 64}, "rows must be a count"),
+        ({"rows": 1, "bytes": True, "sha256": "0" * 64}, "bytes must be a count"),
+        ({"rows": 1, "bytes": 2, "sha256": "ABC"}, "sha256 must be 64 lower-case hex digits"),
+    ],
+)
+def test_malformed_digest_is_refused(tmp_path: Path, digest: Any, message: str) -> None:
+    out = write_run(make_result(), tmp_path / "run.json")
+    record = orjson.loads(out.read_bytes())
+    record["requests_digest"] = digest
+    write_json(out, record)
+    with pytest.raises(ResultError, match=message):
+        load_run(out)
+
+
+def test_hosted_run_serves_the_same_rows_from_memory_and_from_its_files(tmp_path: Path) -> None:
+    result = make_result()
+    in_memory = record_of(result, None)
+    body = rows_of(result, None)
+    assert in_memory["requests_file"] == "r1.requests.jsonl"
+    assert in_memory["requests_digest"]["sha256"] == hashlib.sha256(body).hexdigest()
+    out = write_run(result, tmp_path / "r1.json")
+    assert rows_of(result, out) == body
+    assert record_of(result, out)["requests_digest"] == in_memory["requests_digest"]
+    (tmp_path / "r1.requests.jsonl").write_bytes(body[: len(body) // 2])
+    with pytest.raises(ResultError, match="does not belong to the record"):
+        rows_of(result, out)
+    with pytest.raises(ResultError, match="does not belong to the record"):
+        record_of(result, out)
+
+
+def test_unserialisable_record_touches_no_file(tmp_path: Path) -> None:
+    result = make_result()
+    result.config = {"bad": object()}
+    with pytest.raises(ResultError, match="not serialisable"):
+        write_run(result, tmp_path / "run.json")
+    assert list(tmp_path.iterdir()) == []

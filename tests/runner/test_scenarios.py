@@ -14,9 +14,11 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from rackscope import contract
 from rackscope.clock import VirtualClock, WallClock
 from rackscope.errors import ConfigError
+from rackscope.runner.config import PRESETS, RunConfig
+from rackscope.runner.energy import SimEnergyMeter
 from rackscope.runner.engines.sim import SimEngine
 from rackscope.runner.progress import Progress
-from rackscope.runner.scenarios import PRESETS, RunConfig, SimEnergyMeter, run_scenario
+from rackscope.runner.runloop import run_scenario
 from rackscope.simgpu import SimGpu, profile
 
 
@@ -41,6 +43,7 @@ class Sim:
                                   cancel=cancel, meter=meter)
 
 
+@pytest.mark.slow
 async def test_offline_saturates_and_counts_what_the_engine_produced() -> None:
     sim = Sim("h100")
     max_batch = sim.engine.deployment(0).max_batch
@@ -258,6 +261,7 @@ async def test_workload_metrics_recorded_for_every_request() -> None:
     provider.shutdown()
 
 
+@pytest.mark.slow
 async def test_wall_clock_run() -> None:
     clock = WallClock()
     gpus = [SimGpu(0, profile("b200"), clock)]
@@ -310,6 +314,7 @@ def test_run_config_limits_and_round_trip() -> None:
     assert again.to_dict() == {**d, "api_key_set": False}
 
 
+@pytest.mark.slow
 async def test_openai_engine_against_a_streaming_server() -> None:
     from rackscope.runner.engines.openai import OpenAIEngine
     from tests.runner.streaming_server import Behaviour, StreamingServer
@@ -344,8 +349,9 @@ async def test_openai_engine_against_a_streaming_server() -> None:
         await engine.stop()
 
 
+@pytest.mark.slow
 def test_several_worker_processes() -> None:
-    from rackscope.runner.scenarios import run_with_workers
+    from rackscope.runner.multiprocess import run_with_workers
     from tests.runner.streaming_server import Behaviour, StreamingServer
 
     with StreamingServer(Behaviour(ttft_s=0.01, itl_s=0.002, models=["m"])) as server:

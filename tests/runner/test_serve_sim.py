@@ -249,6 +249,37 @@ async def test_metrics(served: Served) -> None:
     assert samples[("rackscope_sim_info", info)] == 1
 
 
+async def test_metrics_in_vllm_format(served: Served) -> None:
+    """The engine's state under vLLM's names, read by the agent's vLLM reader."""
+    from rackscope.agent.engine_metrics import EngineFormat, ModelReading, read_page
+
+    for n in (3, 5):
+        status, _ = await served.post("/v1/completions", {"model": MODEL, "prompt": "x" * 40, "max_tokens": n})
+        assert status == 200
+    async with served.session.get(served.url + "/metrics") as resp:
+        reading = read_page(await resp.read(), content_type=resp.headers["Content-Type"])
+    assert reading.format is EngineFormat.VLLM
+    assert reading.models == (
+        ModelReading(MODEL, running=0.0, waiting=0.0, kv_cache_usage=0.0, input_tokens=20.0, output_tokens=8.0),
+    )
+    body = {"model": MODEL, "prompt": "x" * 4000, "max_tokens": 400}
+    tasks = [asyncio.create_task(served.post("/v1/completions", body)) for _ in range(10)]
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if served.engine.stats().gpus[0].running == 10:
+                break
+        async with served.session.get(served.url + "/metrics") as resp:
+            (busy,) = read_page(await resp.read()).models
+        stats = served.engine.stats().gpus[0]
+        assert busy.running == 10
+        assert 0 < busy.kv_cache_usage <= stats.kv_used_tokens / stats.kv_capacity_tokens  # type: ignore[operator]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_kv_usage_shows_while_requests_run(served: Served) -> None:
     body = {"model": MODEL, "prompt": "x" * 4000, "max_tokens": 400}
     tasks = [asyncio.create_task(served.post("/v1/completions", body)) for _ in range(10)]
@@ -305,6 +336,7 @@ async def test_gpu_dropping_mid_stream_ends_it_with_an_error(served: Served) -> 
     assert answer["error"]["type"] == "server_error"
 
 
+@pytest.mark.slow
 def test_serve_sim_command_serves_and_stops_on_sigterm() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "rackscope", "serve-sim", "--gpu-model", "gb300", "--gpus", "2", "--port", "0"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from rackscope.errors import EngineUnavailable
 from rackscope.runner.engines.base import EngineEvent, Request
 from rackscope.runner.engines.openai import OpenAIEngine
 from rackscope.runner.workers import collect, run_workers
+from tests.helpers import start_limited, stop_process, wait_for
 
 SERVER_PATH = Path(__file__).resolve().parent / "streaming_server.py"
 
@@ -48,6 +50,7 @@ def requests(n: int, tokens: int = 8, **x_test: object) -> list[Request]:
     ]
 
 
+@pytest.mark.slow
 def test_two_workers_merge_records_in_request_order(server: srv.StreamingServer) -> None:
     reqs = requests(40, tokens=8, itl_s=0.002)
     before = time.perf_counter()
@@ -65,6 +68,7 @@ def test_two_workers_merge_records_in_request_order(server: srv.StreamingServer)
     assert len({r.request_id for r in run.records}) == 40
 
 
+@pytest.mark.slow
 def test_closed_loop_keeps_the_concurrency(server: srv.StreamingServer) -> None:
     reqs = requests(24, tokens=4, ttft_s=0.05)
     run = run_workers(reqs, partial(OpenAIEngine, server.base_url, "test-model"), workers=2, concurrency=6)
@@ -74,6 +78,7 @@ def test_closed_loop_keeps_the_concurrency(server: srv.StreamingServer) -> None:
     assert 0.15 < run.end_s - run.start_s < 2.0
 
 
+@pytest.mark.slow
 def test_arrival_schedule_is_kept(server: srv.StreamingServer) -> None:
     reqs = requests(10, tokens=2)
     arrivals = [0.05 * i for i in range(10)]
@@ -84,6 +89,7 @@ def test_arrival_schedule_is_kept(server: srv.StreamingServer) -> None:
         assert want - 0.002 <= got < want + 0.1
 
 
+@pytest.mark.slow
 def test_offline_sends_everything_at_once(server: srv.StreamingServer) -> None:
     reqs = requests(30, tokens=3, ttft_s=0.1)
     run = run_workers(reqs, partial(OpenAIEngine, server.base_url, "test-model"), workers=3)
@@ -177,6 +183,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_sigint_stops_the_workers_and_returns_what_completed(tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -184,9 +191,9 @@ def test_sigint_stops_the_workers_and_returns_what_completed(tmp_path: Path) -> 
         [sys.executable, str(driver), str(SERVER_PATH)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
-    # Four short requests done, eight long ones (4 s each) in flight: then Ctrl-C.
+    # Twelve requests sent with eight slots means the four short ones finished (only they can
+    # free a slot this soon) and eight long ones (4 s each) are in flight: then Ctrl-C.
     assert proc.stdout.readline().strip() == "in flight"
-    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
@@ -195,3 +202,81 @@ def test_sigint_stops_the_workers_and_returns_what_completed(tmp_path: Path) -> 
     assert result["ok"] >= 4  # the short requests finished
     assert result["cancelled"] == 8  # the long ones in flight were cut
     assert result["records"] == result["ok"] + result["cancelled"] < 40
+
+
+RACE_DRIVER = """
+import asyncio, os, sys, time
+from functools import partial
+from pathlib import Path
+from rackscope.errors import EngineUnavailable
+from rackscope.runner.engines.base import Request
+from rackscope.runner.workers import run_workers
+
+
+class GatedEngine:
+    '''Fails to start, as an engine asked for a model its server lacks, once the gate opens.'''
+
+    name = "gated"
+    model = "no-such-model"
+
+    def __init__(self, gate, marks):
+        self.gate, self.marks = Path(gate), Path(marks)
+
+    async def start(self):
+        (self.marks / f"waiting.{os.getpid()}").touch()
+        while not self.gate.exists():
+            await asyncio.sleep(0.01)
+        raise EngineUnavailable("model 'no-such-model' is not served here")
+
+    async def stop(self):
+        pass
+
+    def stream(self, request):
+        raise NotImplementedError
+
+    def now(self):
+        return time.perf_counter()
+
+
+if __name__ == "__main__":
+    reqs = [Request(f"q{i}", prompt="hi", max_output_tokens=2) for i in range(4)]
+    try:
+        run_workers(reqs, partial(GatedEngine, sys.argv[1], sys.argv[2]), workers=2)
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", flush=True)
+"""
+
+
+def _zombie(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.slow
+def test_engine_error_wins_over_a_worker_that_already_exited(tmp_path: Path) -> None:
+    """Both workers fail to start and exit before the parent reads either: the parent reads
+    worker 0's error first and tells worker 1, already gone, to abort. The user must get the
+    engine's error, not a BrokenPipeError from that abort."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(RACE_DRIVER)
+    gate, marks = tmp_path / "gate", tmp_path / "marks"
+    marks.mkdir()
+    proc = start_limited([sys.executable, str(driver), str(gate), str(marks)])
+    try:
+        pids = wait_for("both workers starting", lambda: [int(p.suffix[1:]) for p in marks.iterdir()] if len(
+            list(marks.iterdir())) == 2 else None, timeout_s=60)
+        # The parent is held still while both workers fail and exit, so that it finds both
+        # pipes readable at once, and the worker it answers first is not the one it aborts.
+        os.kill(proc.pid, signal.SIGSTOP)
+        gate.touch()
+        wait_for("both workers exited", lambda: all(_zombie(pid) for pid in pids), timeout_s=30)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+        stop_process(proc)
+    assert proc.returncode == 0, err
+    assert out.strip().startswith("EngineUnavailable: worker "), (out, err)
+    assert "could not start its engine" in out and "is not served here" in out
+    assert "BrokenPipeError" not in err

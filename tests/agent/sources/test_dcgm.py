@@ -13,10 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from rackscope.agent.cli import settings_from_args
+from rackscope.agent.settings import AgentSettings, resolve
+from rackscope.agent.sources import dcgm_deadline_s, open_source
 from rackscope.agent.sources.base import GpuSample, GpuSource
-from rackscope.agent.sources.dcgm import HINT, DcgmSource
+from rackscope.agent.sources.dcgm import HINT, SHUTDOWN_DEADLINE_S, DcgmSource
+from rackscope.cli import build_parser
 from rackscope.clock import VirtualClock
 from rackscope.errors import ConfigError, SourceError, SourceUnavailable
+from tests.helpers import wait_for
 
 DATA = Path(__file__).parent / "data"
 MIB = 1024 * 1024
@@ -34,6 +39,7 @@ class FakeExporter:
         self.body = body
         self.status = 200
         self.delay_s = 0.0
+        self.trickle_s = 0.0  # > 0: the page goes out one byte per trickle_s
         self.close_connections = False
         self.gzip = False
         self.connections = 0
@@ -86,7 +92,16 @@ class FakeExporter:
                     self.send_header("Connection", "close")
                     self.close_connection = True
                 self.end_headers()
-                self.wfile.write(data)
+                if not exporter.trickle_s:
+                    self.wfile.write(data)
+                    return
+                for position in range(len(data)):
+                    if exporter._stop.wait(exporter.trickle_s):
+                        return
+                    try:
+                        self.wfile.write(data[position : position + 1])
+                    except OSError:
+                        return  # the client gave up
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -250,6 +265,60 @@ def test_energy_counter_survives_a_driver_reload(serve: Callable[..., FakeExport
         exporter.body = set_value(page, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 0, counter_mj)
         energies.append(by_index(source.sample())[0].energy_j)
     assert energies == pytest.approx([5.0, 7.0, 8.5])
+
+
+def test_energy_counter_stepping_back_a_little_is_jitter(
+    serve: Callable[..., FakeExporter], clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    page = recording("h100x4_exporter3.prom")
+    exporter = serve(page)
+    source = source_for(exporter, clock)
+    source.open()
+    base_mj = 4318472215
+    energies = []
+    for counter_mj in (base_mj - 500, base_mj - 1000, base_mj + 2000, base_mj + 1500, base_mj + 5000):
+        clock.advance(1.0)
+        exporter.body = set_value(page, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 0, counter_mj)
+        energies.append(by_index(source.sample())[0].energy_j)
+    # Back 0.5 J, back 1 J: no movement (not +4.3 MJ); then only what passes the earlier reading.
+    assert energies == pytest.approx([0.0, 0.0, 2.0, 2.0, 5.0])
+    assert len([r for r in caplog.records if "GPU 0" in r.message and "went back" in r.message]) == 1
+
+
+def test_invalid_readings_are_missing_and_logged_once(
+    serve: Callable[..., FakeExporter], clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    page = recording("h100x4_exporter3.prom")
+    exporter = serve(page)
+    source = source_for(exporter, clock)
+    source.open()
+    bad = set_value(page, "DCGM_FI_DEV_POWER_USAGE", 0, -250.5)
+    bad = set_value(bad, "DCGM_FI_DEV_GPU_TEMP", 1, "NaN")
+    bad = set_value(bad, "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL", 1, "-Inf")
+    bad = set_value(bad, "DCGM_FI_DEV_FB_FREE", 2, -5000)
+    bad = set_value(bad, "DCGM_FI_DEV_XID_ERRORS", 2, -13)
+    bad = set_value(bad, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 3, -1000)
+    exporter.body = bad
+    for _ in range(3):
+        clock.advance(1.0)
+        gpus = by_index(source.sample())
+        assert all(g.ok for g in gpus.values())  # one bad field does not take a GPU down
+        assert (gpus[0].power_w, gpus[0].energy_j) == (None, 0.0)
+        assert (gpus[1].temperature_c, gpus[1].nvlink_tx_bytes, gpus[1].power_w) == (None, None, 598.204)
+        assert (gpus[2].memory_total_bytes, gpus[2].memory_used_bytes) == (None, 74221 * MIB)
+        assert (gpus[2].xid_errors, gpus[2].last_xid) == (None, None)
+        assert (gpus[3].energy_j, gpus[3].power_w) == (None, 587.993)
+    for gpu, what in ((0, "POWER_USAGE"), (1, "GPU_TEMP"), (1, "NVLINK_BANDWIDTH_TOTAL"), (2, "FB_FREE"), (2, "XID")):
+        logged = [r for r in caplog.records if f"GPU {gpu}: invalid reading" in r.message and what in r.message]
+        assert len(logged) == 1, (gpu, what, [r.message for r in caplog.records])
+    assert len([r for r in caplog.records if "GPU 3" in r.message and "invalid reading -1000" in r.message]) == 1
+
+    # Valid again: the energy counter carries on from where it was, the NVLink integral too.
+    exporter.body = set_value(page, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 3, 4263350612 + 7000)
+    clock.advance(1.0)
+    gpus = by_index(source.sample())
+    assert gpus[3].energy_j == pytest.approx(7.0)
+    assert gpus[2].memory_total_bytes is not None and gpus[1].temperature_c == 54
 
 
 def test_newer_exporter_with_profiling_fields(serve: Callable[..., FakeExporter], clock: VirtualClock) -> None:
@@ -491,7 +560,7 @@ def test_exporter_dying_mid_run_marks_samples_then_recovers(
     down = source.sample()
     assert [s.index for s in down] == [0, 1, 2, 3]
     assert not any(s.ok for s in down)
-    assert all(s.error and "cannot reach dcgm-exporter" in s.error and exporter.url in s.error for s in down)
+    assert all(s.error and "cannot connect" in s.error and exporter.url in s.error for s in down)
     assert all(s.power_w is None and s.energy_j is None for s in down)
 
     serve(set_value(page, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 0, 4318472215 + 10_000), port=exporter.port)
@@ -540,6 +609,79 @@ def test_hung_exporter_times_out(serve: Callable[..., FakeExporter], clock: Virt
     assert all(s.ok for s in source.sample())
 
 
+@pytest.mark.slow
+def test_a_trickling_exporter_fails_the_scrape_at_its_deadline(
+    serve: Callable[..., FakeExporter], clock: VirtualClock
+) -> None:
+    # Each byte arrives well within any per-read timeout; the whole scrape never would.
+    exporter = serve(recording("l4x2_custom_no_help.prom"))
+    source = source_for(exporter, clock, timeout_s=0.5)
+    source.open()
+    exporter.trickle_s = 0.05
+    started = time.monotonic()
+    samples = source.sample()
+    assert time.monotonic() - started < 0.5 + 0.4
+    assert all(not s.ok and s.error and "did not finish answering within 0.5 s" in s.error for s in samples)
+    assert all(s.power_w is None and s.energy_j is None for s in samples)
+    exporter.trickle_s = 0.0
+    assert all(s.ok for s in source.sample())
+
+
+def test_interrupt_ends_a_scrape_in_flight(serve: Callable[..., FakeExporter], clock: VirtualClock) -> None:
+    exporter = serve(recording("l4x2_custom_no_help.prom"))
+    source = source_for(exporter, clock, timeout_s=30.0)
+    source.open()
+    exporter.delay_s = 60.0
+    result: list[list[GpuSample]] = []
+    worker = threading.Thread(target=lambda: result.append(source.sample()))
+    worker.start()
+    wait_for("the scrape to reach the exporter", lambda: exporter.requests == 2)
+    started = time.monotonic()
+    source.interrupt()
+    worker.join(5.0)
+    assert time.monotonic() - started < 0.5
+    assert all(not s.ok and s.error and "stopped" in s.error for s in result[0])
+    # Shutting down, an exporter that just failed is not waited on again.
+    exporter.delay_s = 0.0
+    started = time.monotonic()
+    assert not any(s.ok for s in source.sample())
+    assert time.monotonic() - started < 0.1
+    assert exporter.requests == 2
+    source.close()
+    source.close()
+
+
+@pytest.mark.slow
+def test_after_interrupt_a_healthy_exporter_still_gives_a_last_sample(
+    serve: Callable[..., FakeExporter], clock: VirtualClock
+) -> None:
+    exporter = serve(recording("l4x2_custom_no_help.prom"))
+    source = source_for(exporter, clock, timeout_s=30.0)
+    source.open()
+    source.interrupt()
+    assert all(s.ok for s in source.sample())
+    exporter.delay_s = 60.0
+    started = time.monotonic()
+    assert not any(s.ok for s in source.sample())
+    assert SHUTDOWN_DEADLINE_S <= time.monotonic() - started < SHUTDOWN_DEADLINE_S + 0.4
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_page_over_the_size_cap_is_refused(
+    serve: Callable[..., FakeExporter], clock: VirtualClock, gzipped: bool
+) -> None:
+    page = recording("h100x4_exporter3.prom")
+    exporter = serve(page)
+    source = source_for(exporter, clock, max_bytes=len(page.encode()))
+    source.open()
+    exporter.gzip = gzipped
+    exporter.body = page + "# one more line than the cap allows\n"
+    samples = source.sample()
+    assert all(not s.ok and s.error and f"more than {len(page.encode())} bytes" in s.error for s in samples)
+    exporter.body = page
+    assert all(s.ok for s in source.sample())
+
+
 def test_gpu_missing_from_the_page(serve: Callable[..., FakeExporter], clock: VirtualClock) -> None:
     page = recording("h100x4_exporter3.prom")
     exporter = serve(page)
@@ -567,29 +709,18 @@ def test_gpu_appearing_after_start_is_ignored(serve: Callable[..., FakeExporter]
 # --------------------------------------------------------------------------- HTTP behaviour
 
 
-def test_keeps_one_connection_alive(serve: Callable[..., FakeExporter], clock: VirtualClock) -> None:
+def test_one_fresh_connection_per_scrape(serve: Callable[..., FakeExporter], clock: VirtualClock) -> None:
+    # No connection outlives its scrape: nothing a misbehaving exporter left on one (a half-read
+    # answer, a stalled stream) can reach the next scrape.
     exporter = serve(recording("h200x8_exporter4_prof.prom"))
     source = source_for(exporter, clock)
     source.open()
-    for _ in range(5):
-        assert all(s.ok for s in source.sample())
-    assert (exporter.connections, exporter.requests) == (1, 6)
-    source.close()
-
-
-def test_reconnects_when_the_exporter_drops_idle_connections(
-    serve: Callable[..., FakeExporter], clock: VirtualClock
-) -> None:
-    exporter = serve(recording("l4x2_custom_no_help.prom"))
-    source = source_for(exporter, clock)
-    source.open()
-    exporter.drop_connections()
-    assert all(s.ok for s in source.sample())
-    exporter.close_connections = True
     for _ in range(3):
         assert all(s.ok for s in source.sample())
-    # open; a fresh one after the drop (which also serves the first "Connection: close"); two more.
-    assert (exporter.connections, exporter.requests) == (4, 5)
+    exporter.close_connections = True
+    assert all(s.ok for s in source.sample())
+    assert (exporter.connections, exporter.requests) == (5, 5)
+    source.close()
 
 
 def test_gzip_body(serve: Callable[..., FakeExporter], clock: VirtualClock) -> None:
@@ -605,3 +736,39 @@ def test_accepts_a_monotonic_callable(serve: Callable[..., FakeExporter]) -> Non
     source = DcgmSource(exporter.url, clock=lambda: next(ticks))
     source.open()
     assert by_index(source.sample())[1].energy_j == pytest.approx(52.5 * 4.0)
+
+
+# --------------------------------------------------------------------------- the agent's settings
+
+
+@pytest.mark.parametrize(
+    ("timeout_s", "interval_s", "deadline_s"), [(2.0, 1.0, 0.9), (2.0, 5.0, 2.0), (0.3, 1.0, 0.3), (2.0, 0.1, 0.09)]
+)
+def test_a_scrape_gets_the_timeout_capped_below_the_interval(
+    timeout_s: float, interval_s: float, deadline_s: float
+) -> None:
+    settings = AgentSettings(source="dcgm", node="n1", dcgm_timeout_s=timeout_s, interval_s=interval_s).validate()
+    assert dcgm_deadline_s(settings) == pytest.approx(deadline_s)
+
+
+def test_the_scrape_timeout_comes_from_the_flag_then_the_environment() -> None:
+    env = {"RACKSCOPE_DCGM_TIMEOUT": "0.7", "RACKSCOPE_NODE": "n1"}
+    assert resolve({"dcgm_timeout_s": 0.4}, env).dcgm_timeout_s == 0.4
+    assert resolve({}, env).dcgm_timeout_s == 0.7
+    assert resolve({}, {"RACKSCOPE_NODE": "n1"}).dcgm_timeout_s == 2.0
+    with pytest.raises(ConfigError, match="--dcgm-timeout"):
+        resolve({}, {**env, "RACKSCOPE_DCGM_TIMEOUT": "0"})
+    args = build_parser().parse_args(["agent", "--source", "dcgm", "--dcgm-timeout", "0.25", "--node", "n1"])
+    assert settings_from_args(args, env={}).dcgm_timeout_s == 0.25
+
+
+@pytest.mark.slow
+def test_the_agent_source_uses_that_deadline(serve: Callable[..., FakeExporter]) -> None:
+    exporter = serve(recording("l4x2_custom_no_help.prom"))
+    settings = AgentSettings(source="dcgm", node="n1", dcgm_url=exporter.url, interval_s=0.5).validate()
+    source, infos, sim_gpus = open_source(settings, VirtualClock())
+    assert (len(infos), sim_gpus) == (2, None)
+    exporter.trickle_s = 0.05
+    samples = source.sample()
+    assert all(not s.ok and s.error and "within 0.45 s" in s.error for s in samples)
+    source.close()

@@ -143,6 +143,7 @@ def test_sample_before_open_raises_and_close_before_open_is_harmless() -> None:
         source.sample()
 
 
+@pytest.mark.slow
 def test_two_gpus_give_exact_values_in_our_units(standins: StandIns, tmp_path: Path) -> None:
     started_s = time.time()
     run = run_source(standins.current, tmp_path, {"gpus": 2, **GPU0, **GPU1}, ticks=3)
@@ -232,10 +233,34 @@ def test_missing_energy_counter_integrates_power_and_says_so(standins: StandIns,
     samples = run.ticks(0)
     assert [s["energy_method"] for s in samples] == ["integrated"] * 4
     assert [s["power_w"] for s in samples] == [200.0, 210.0, 220.0, 230.0]
-    # each reading is the average over the interval that ends with it: 0.5 s x P
-    assert [s["energy_j"] for s in samples] == pytest.approx([100.0, 205.0, 315.0, 430.0])
+    # trapezoids between consecutive power readings, 0.5 s apart; the first reading starts it
+    assert [s["energy_j"] for s in samples] == pytest.approx([0.0, 102.5, 210.0, 322.5])
     assert len(run.log_lines("GPU 0: no energy counter")) == 1
     assert run.calls["gpu0.energy"] == 1  # tried at open, never again
+
+
+def test_an_energy_counter_stepping_back_is_jitter_not_a_reset(standins: StandIns, tmp_path: Path) -> None:
+    # The stand-in's counter is unsigned: a step of -500 mJ per read is 0.5 J back each tick.
+    config = {"gpus": 2, "gpu0.energy_mj": 9_000_000_000, "gpu0.energy_step_mj": -500, "gpu1.energy_step_mj": 1000}
+    run = run_source(standins.current, tmp_path, config, ticks=4)
+    assert [s["energy_j"] for s in run.ticks(0)] == [0.0] * 4  # not +9 MJ per tick
+    assert [s["energy_method"] for s in run.ticks(0)] == ["counter"] * 4
+    assert [s["energy_j"] for s in run.ticks(1)] == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    assert len(run.log_lines("GPU 0 energy counter (mJ) went back")) == 1, run.log
+
+
+def test_impossible_gpm_rates_are_missing_never_subtracted(standins: StandIns, tmp_path: Path) -> None:
+    config: dict[str, object] = {"gpus": 2, "gpu0.unsupported": "field_values", "gpu1.unsupported": "field_values"}
+    config |= {"gpu0.gpm": 1, "gpu0.gpm_tx_mibs": -100.0, "gpu0.gpm_rx_mibs": 25.5}
+    config |= {"gpu1.gpm": 1, "gpu1.gpm_tx_mibs": 100.0, "gpu1.gpm_rx_mibs": "nan"}
+    run = run_source(standins.current, tmp_path, config, ticks=3, dt=0.5)
+    assert [s["nvlink_tx_bytes"] for s in run.ticks(0)] == [None] * 3
+    assert [s["nvlink_rx_bytes"] for s in run.ticks(0)] == [round(25.5 * MIB * 0.5 * t) for t in (1, 2, 3)]
+    assert [s["nvlink_tx_bytes"] for s in run.ticks(1)] == [round(100.0 * MIB * 0.5 * t) for t in (1, 2, 3)]
+    assert [s["nvlink_rx_bytes"] for s in run.ticks(1)] == [None] * 3
+    assert all(s["ok"] for gpu in (0, 1) for s in run.ticks(gpu))
+    assert len(run.log_lines("GPU 0: invalid reading nvlink_tx_rate=-100.0")) == 1, run.log
+    assert len(run.log_lines("GPU 1: invalid reading nvlink_rx_rate=nan")) == 1, run.log
 
 
 def test_a_gpu_that_fails_mid_run_is_marked_while_the_others_carry_on(standins: StandIns, tmp_path: Path) -> None:

@@ -151,6 +151,10 @@ COLLECTOR_NAMES: dict[str, str] = {
     "gen_ai.server.time_to_first_token": "gen_ai_server_time_to_first_token_seconds",
     "gen_ai.server.time_per_output_token": "gen_ai_server_time_per_output_token_seconds",
     "rackscope.run.info": "rackscope_run_info",
+    "rackscope.engine.requests": "rackscope_engine_requests",
+    "rackscope.engine.kv_cache.usage": "rackscope_engine_kv_cache_usage_ratio",
+    "rackscope.engine.tokens": "rackscope_engine_tokens_total",
+    "rackscope.engine.up": "rackscope_engine_up",
 }
 
 LABELS = {

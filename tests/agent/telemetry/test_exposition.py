@@ -203,6 +203,7 @@ def test_workload_metrics_recorded_through_meter(make_telemetry: Callable[..., T
     assert body.decode().count("# TYPE rackscope_tokens_total ") == 1
 
 
+@pytest.mark.slow
 def test_gpu_series_are_not_duplicated_when_otlp_is_on(
     make_telemetry: Callable[..., Telemetry], http_receiver: object
 ) -> None:

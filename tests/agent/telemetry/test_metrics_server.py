@@ -152,6 +152,7 @@ def test_accept_encoding(header: str, wanted: bool) -> None:
     assert wants_gzip(header) is wanted
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the prometheus binary")
 async def test_real_prometheus_scrapes_the_endpoint(served: Telemetry, tmp_path: Path) -> None:
     with socket.socket() as s:

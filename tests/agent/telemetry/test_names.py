@@ -39,7 +39,11 @@ PUBLIC = {
 }
 
 # What the Python Prometheus exporter gives: the collector's names except for unit "1".
-PYTHON_EXPORTER_NAMES = {**COLLECTOR_NAMES, "hw.gpu.utilization": "hw_gpu_utilization"}
+PYTHON_EXPORTER_NAMES = {
+    **COLLECTOR_NAMES,
+    "hw.gpu.utilization": "hw_gpu_utilization",
+    "rackscope.engine.kv_cache.usage": "rackscope_engine_kv_cache_usage",
+}
 
 # (OTel name, unit, kind) -> collector name, spelled out for the metrics DESIGN.md calls out.
 SPOT_CHECKS = [
@@ -83,7 +87,8 @@ def agent_text() -> Iterator[str]:
         IDENTITY, AgentSettings(node="n01", otlp_endpoint=receiver.url, otlp_interval_s=3600.0), env={}
     )
     workload = tuple(m for m in ALL_METRICS if m.otel_name.startswith(("rackscope.tokens", "rackscope.requests",
-                                                                         "gen_ai.", "rackscope.run.")))
+                                                                         "gen_ai.", "rackscope.run.",
+                                                                         "rackscope.engine.")))
     record_every_metric(telemetry.meter_provider, workload, {"rack": "r1", "node": "n01", "gpu": "0"})
     telemetry.update(INFOS, samples(), 0.01, 0)
     yield telemetry.render().decode()
@@ -128,7 +133,7 @@ def test_python_exporter_differs_only_on_unit_one(python_exporter_text: str) -> 
     observed = set(type_names(python_exporter_text))
     assert observed == set(PYTHON_EXPORTER_NAMES.values())
     differ = {k for k in COLLECTOR_NAMES if COLLECTOR_NAMES[k] != PYTHON_EXPORTER_NAMES[k]}
-    assert differ == {"hw.gpu.utilization"}
+    assert differ == {"hw.gpu.utilization", "rackscope.engine.kv_cache.usage"}
     assert "hw_gpu_utilization" in observed
     assert "hw_gpu_utilization_ratio" not in observed
 

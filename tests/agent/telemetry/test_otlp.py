@@ -82,8 +82,11 @@ def check_everything(latest: dict[tuple[str, frozenset[tuple[str, Any]]], Point]
     assert resource["rackscope.rack"] == "r1"
     assert resource["rackscope.node"] == "n01"
     assert resource["host.name"] == socket.gethostname()
+    # The same on every start of this node's agent, so a restart continues the same series.
+    assert resource["service.instance.id"] == "r1/n01"
 
 
+@pytest.mark.slow
 def test_http_protobuf_export_carries_every_metric(
     http_receiver: OtlpHttpReceiver, make_telemetry: Callable[..., Telemetry]
 ) -> None:
@@ -136,6 +139,7 @@ def test_shutdown_flushes_the_last_export(
     assert telemetry.shutdown() is True  # a second call is harmless
 
 
+@pytest.mark.slow
 def test_export_failures_are_counted_logged_once_and_not_raised(
     http_receiver: OtlpHttpReceiver, make_telemetry: Callable[..., Telemetry], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -180,6 +184,7 @@ def test_receiver_down_counts_failures(make_telemetry: Callable[..., Telemetry])
     assert telemetry.export_failures >= 1
 
 
+@pytest.mark.slow
 def test_shutdown_is_bounded_when_the_exporter_hangs(make_telemetry: Callable[..., Telemetry]) -> None:
     with socket.socket() as listener:  # accepts connections, never answers
         listener.bind(("127.0.0.1", 0))

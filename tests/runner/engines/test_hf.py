@@ -19,6 +19,9 @@ from rackscope.errors import EngineError, EngineUnavailable
 from rackscope.runner.engines.base import Done, Engine, EngineEvent, Failed, FirstToken, Request, Tokens
 from rackscope.runner.engines.hf import HfEngine, is_available
 
+# PyTorch models built and run on the CPU: seconds each (`pytest -m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
+
 # Read by huggingface_hub when it is first imported (below, through transformers).
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
@@ -81,6 +84,7 @@ def token_count(events: list[EngineEvent]) -> int:
     return sum(e.count for e in events if isinstance(e, FirstToken | Tokens))
 
 
+@pytest.mark.slow
 def test_the_engine_satisfies_the_engine_protocol(model: Any, tokenizer: Any) -> None:
     assert is_available() is True  # torch and transformers are here, or this module was skipped
     engine = HfEngine(model, tokenizer, model_name="tiny-llama")
@@ -133,6 +137,7 @@ async def test_concurrent_requests_get_exact_counts_and_ttft_before_e2e(model: A
     assert len({events[0].t for _, events in results}) == 1
 
 
+@pytest.mark.slow
 async def test_more_requests_than_the_batch_all_complete_in_successive_batches(model: Any) -> None:
     engine = HfEngine(model, max_batch=2, batch_wait_s=BATCH_WAIT_S)
     await engine.start()

@@ -153,6 +153,12 @@ async def test_usage_versus_counted(server: srv.StreamingServer) -> None:
         {"split": True},
         {"events_per_write": 4},
         {"events_per_write": 3, "usage": False},
+        {"chunks_per_write": 4},
+        {"chunks_per_write": 3, "usage": False},
+        {"usage_null": True},
+        {"usage_null": True, "usage": False, "chunks_per_write": 2},
+        {"comments": True},
+        {"comments": True, "crlf": True, "split": True},
     ],
     ids=lambda w: ",".join(f"{k}={v}" for k, v in w.items()),
 )
@@ -361,6 +367,8 @@ def test_bad_construction() -> None:
         OpenAIEngine("127.0.0.1:8000", "m")
     with pytest.raises(ValueError, match="line breaks"):
         OpenAIEngine("http://127.0.0.1:1", "m", api_key="a\r\nX-Evil: 1")
+    with pytest.raises(ValueError, match="deadline"):
+        OpenAIEngine("http://127.0.0.1:1", "m", request_deadline_s=0)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")

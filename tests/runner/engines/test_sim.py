@@ -100,6 +100,7 @@ def test_deployment_memory_figures() -> None:
 @pytest.mark.parametrize(
     ("gpu_model", "n", "t0", "t1"), [("h100", 8_000, 100.0, 700.0), ("gb300", 22_000, 60.0, 360.0)]
 )
+@pytest.mark.slow
 async def test_saturated_gpu_gives_the_published_throughput(
     gpu_model: str, n: int, t0: float, t1: float, varied: bool
 ) -> None:
@@ -123,6 +124,7 @@ async def test_saturated_gpu_gives_the_published_throughput(
     assert gpu.kv_bytes == 0
 
 
+@pytest.mark.slow
 async def test_each_gpu_runs_at_its_own_speed() -> None:
     clock = VirtualClock()
     gpus = make_node_gpus("gb300", 4, clock, node="n07", seed=3)
@@ -279,6 +281,7 @@ async def test_full_offline_load_queues() -> None:
     assert ttft[-1] > 30.0  # the last ones waited for the batches before them
 
 
+@pytest.mark.slow
 async def test_faults_and_slowdown_lower_throughput_on_the_next_step() -> None:
     clock = VirtualClock()
     gpu = SimGpu(0, profile("h100"), clock)
@@ -544,6 +547,7 @@ async def test_a_failing_consumer_does_not_stop_the_engine(caplog: pytest.LogCap
     assert "event consumer of request bad failed" in caplog.text
 
 
+@pytest.mark.slow
 async def test_engines_sharing_a_virtual_clock_advance_together() -> None:
     clock = VirtualClock()
     engines = [SimEngine(make_node_gpus("gb300", 2, clock, node=f"n0{i}"), clock) for i in (1, 2)]

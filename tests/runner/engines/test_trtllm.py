@@ -414,9 +414,9 @@ EXPECTED_SUMMARY = {
 async def test_stats_reads_get_stats_async_when_the_llm_has_it(clock: VirtualClock) -> None:
     engine, llm = await started_engine(clock, llm_class=StandInLLMWithAsyncStats)
     llm.stats_records = list(ITERATIONS)
-    assert await engine.stats(timeout_s=0.5) == EXPECTED_SUMMARY
+    assert await engine.iteration_stats(timeout_s=0.5) == EXPECTED_SUMMARY
     # Stats are drained: a second call sees none.
-    empty = await engine.stats()
+    empty = await engine.iteration_stats()
     assert empty["iterations"] == 0
     assert empty["kv_cache"] is None
     assert empty["active_requests"] is None
@@ -425,7 +425,7 @@ async def test_stats_reads_get_stats_async_when_the_llm_has_it(clock: VirtualClo
 async def test_stats_falls_back_to_get_stats_and_accepts_json_strings(clock: VirtualClock) -> None:
     engine, llm = await started_engine(clock)
     llm.stats_records = [json.dumps(record) for record in ITERATIONS]
-    assert await engine.stats() == EXPECTED_SUMMARY
+    assert await engine.iteration_stats() == EXPECTED_SUMMARY
 
 
 def test_records_without_kv_or_batching_stats_give_none_sections() -> None:

@@ -34,7 +34,8 @@ from rackscope.runner.engines.trtllm_bench import (
     dataset_line,
     parse_report,
 )
-from rackscope.runner.results import LATENCY_KEYS, REQUIRED_SUMMARY_KEYS, distribution
+from rackscope.runner.results.record import LATENCY_KEYS, REQUIRED_SUMMARY_KEYS
+from rackscope.runner.results.stats import distribution
 
 DATA = Path(__file__).parent / "data"
 MODEL = "nvidia/Llama-3.1-8B-Instruct-FP8"
@@ -363,6 +364,7 @@ def test_a_run_that_writes_no_report_is_a_result_error(
         TrtllmBenchRunner(MODEL).run(REQUESTS, workdir)
 
 
+@pytest.mark.slow
 def test_a_run_past_its_timeout_is_an_engine_error(
     stand_in: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

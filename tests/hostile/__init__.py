@@ -1,0 +1,1 @@
+"""Peers that misbehave on purpose: what rackscope must refuse, bound or survive."""
