@@ -295,34 +295,6 @@ def from_record(path: str | Path, rack: str | None = None, allow_partial: bool =
 
 
 # --- the command -----------------------------------------------------------------------------------
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from rackscope.cli import HelpFormatter
-
-    p = sub.add_parser(
-        "baseline",
-        help="set or show the per-rack baselines the regression alerts compare against",
-        formatter_class=HelpFormatter,
-        description=(
-            "set   take a rack's expected output tokens/s and tokens per joule from a measured run or rack\n"
-            "      record, write dashboards/rules/baselines.yml and regenerate the Kubernetes PrometheusRule\n"
-            "show  list the baselines: rack, tokens/s, tokens/J, source record, run and when it was measured\n\n"
-            "Exit status: 0 done, 2 bad flags, an unreadable or incomplete record, or a baselines file\n"
-            "that is not as rackscope writes it."
-        ),
-    )
-    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    s = actions.add_parser("set", help="set a rack's baseline from a run or rack record", formatter_class=HelpFormatter)
-    s.add_argument("record", metavar="RECORD", help="a run record (rackscope.run/1) or a rack record (rack.json)")
-    s.add_argument("--rack", default=None, help="rack the baseline is for; without it, the rack the record names")
-    s.add_argument("--allow-partial", action="store_true", help="accept a record with complete: false")
-    show = actions.add_parser("show", help="list the baselines", formatter_class=HelpFormatter)
-    show.add_argument("--format", choices=("table", "json"), default="table", help="output format")
-    for a in (s, show):
-        a.add_argument("--root", type=Path, default=None,
-                       help="source tree holding dashboards/rules; without it, the tree this package is in")
-        a.set_defaults(func=run)
-
-
 def _root(arg: Path | None) -> Path:
     from rackscope.dashboards import build
 

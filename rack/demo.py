@@ -438,52 +438,7 @@ async def _watch(
             live.stop()
 
 
-# --- CLI -------------------------------------------------------------------------------------------
-def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from rackscope.agent.faults import FAULTS
-    from rackscope.cli import HelpFormatter
-    from rackscope.simgpu import PROFILES
-
-    p = sub.add_parser(
-        "demo",
-        help="run a simulated GB300 NVL72 rack here (no GPU, no Docker) with a live view",
-        formatter_class=HelpFormatter,
-        description=(
-            "Start a simulated rack of node agents in this process (each with its own Prometheus\n"
-            "endpoint and control API), run the offline Llama2-70B workload across it through the\n"
-            "same path as `rackscope rack run`, show rack tokens/s against the 1,100,948 tokens/s\n"
-            "GB300 NVL72 record, per-node bars, kW, tokens/J and per-GPU power, and end with the\n"
-            "rack summary. Everything shown is SIMULATED.\n\n"
-            "faults for --inject FAULT[=VALUE]@NODE[/GPU] (e.g. power-cap=700@n03, thermal-throttle@n05):\n"
-            + "\n".join(f"  {k:17} {v}" for k, v in FAULTS.items())
-        ),
-    )
-    p.add_argument("--nodes", type=int, default=DEFAULT_NODES, help="simulated nodes")
-    p.add_argument("--gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE, help="GPUs per node")
-    p.add_argument("--gpu-model", choices=sorted(PROFILES), default=DEFAULT_GPU_MODEL, help="simulated GPU model")
-    p.add_argument("--duration", dest="duration_s", type=float, default=DEFAULT_DURATION_S, help="measured seconds")
-    p.add_argument("--rack", default=DEFAULT_RACK, help="rack name on every series")
-    p.add_argument(
-        "--inject",
-        action="append",
-        default=[],
-        metavar="FAULT@NODE",
-        help="inject a fault on a node before the run, e.g. power-cap=700@n03 (repeatable)",
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=0,
-        help="Prometheus port of the first node, the others follow; 0 picks free ports",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-node variation")
-    p.add_argument("--no-tui", dest="tui", action="store_false", default=True,
-                   help="plain progress lines instead of the live view (the live view needs a terminal)")
-    p.add_argument("--json", action="store_true", help="print the rack record to stdout, nothing else")
-    p.add_argument("--output", default=None, help="write the results bundle to this folder")
-    p.set_defaults(func=run)
-
-
+# --- the command (its flags are in rack/cli.py) ----------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     from rackscope.fileio import dumps
     from rackscope.rack.record import exit_code

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -11,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.agent.conftest import LiveAgent, start_agent
+from tests.helpers import wait_for
 
 
 def metric_values(metrics_url: str, name: str) -> dict[str, float]:
@@ -21,16 +21,6 @@ def metric_values(metrics_url: str, name: str) -> dict[str, float]:
             if sample.name == name:
                 out[sample.labels.get("gpu", "")] = sample.value
     return out
-
-
-def wait_for(predicate, timeout_s: float = 10.0, step_s: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step_s)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.mark.slow
@@ -49,11 +39,14 @@ def test_health_and_node_view(live_agent: LiveAgent) -> None:
 @pytest.mark.slow
 def test_power_cap_fault_shows_in_metrics_and_clears(live_agent: LiveAgent) -> None:
     live_agent.agent.sim_gpus[0].set_load(1.0)  # type: ignore[index]
-    wait_for(lambda: metric_values(live_agent.metrics, "hw_power_watts").get("0", 0) > 600)
+    wait_for("GPU 0 above 600 W", lambda: metric_values(live_agent.metrics, "hw_power_watts").get("0", 0) > 600)
     r = httpx.post(live_agent.api + "/v1/faults", json={"fault": "power-cap", "gpu": 0, "value": 300})
     assert r.status_code == 200, r.text
     assert r.json()["gpus"][0]["power_cap_w"] == 300
-    power = wait_for(lambda: (v := metric_values(live_agent.metrics, "hw_power_watts")) and v["0"] <= 300 and v)
+    power = wait_for(
+        "GPU 0 capped at 300 W",
+        lambda: (v := metric_values(live_agent.metrics, "hw_power_watts")) and v["0"] <= 300 and v,
+    )
     assert power["0"] == pytest.approx(300.0)
     throttle = {
         (s.labels["gpu"], s.labels["reason"]): s.value
@@ -63,12 +56,14 @@ def test_power_cap_fault_shows_in_metrics_and_clears(live_agent: LiveAgent) -> N
     }
     assert throttle[("0", "sw_power_cap")] == 1 and throttle[("1", "sw_power_cap")] == 0
     assert httpx.delete(live_agent.api + "/v1/faults").json()["active"] == []
-    wait_for(lambda: metric_values(live_agent.metrics, "hw_power_watts").get("0", 0) > 600)
+    wait_for("GPU 0 above 600 W", lambda: metric_values(live_agent.metrics, "hw_power_watts").get("0", 0) > 600)
 
 
 def test_gpu_drop_marks_the_gpu_down_and_keeps_the_other(live_agent: LiveAgent) -> None:
     assert httpx.post(live_agent.api + "/v1/faults", json={"fault": "gpu-drop", "gpu": 1}).status_code == 200
-    up = wait_for(lambda: (v := metric_values(live_agent.metrics, "rackscope_gpu_up")) and v.get("1") == 0 and v)
+    up = wait_for(
+        "GPU 1 down", lambda: (v := metric_values(live_agent.metrics, "rackscope_gpu_up")) and v.get("1") == 0 and v
+    )
     assert up["0"] == 1
     errors = {
         s.labels["error_type"]: s.value
@@ -127,7 +122,9 @@ def test_runs_one_at_a_time_with_record_and_requests(live_agent: LiveAgent, tmp_
     assert busy.status_code == 409 and "one run per agent" in busy.text
     assert httpx.get(live_agent.api + "/v1/runs/first/record").status_code == 409
     done = wait_for(
-        lambda: (v := httpx.get(live_agent.api + "/v1/runs/first").json())["status"] == "completed" and v, timeout_s=30
+        "the first run completed",
+        lambda: (v := httpx.get(live_agent.api + "/v1/runs/first").json())["status"] == "completed" and v,
+        timeout_s=30,
     )
     summary = done["summary"]
     assert summary["output_tokens"] > 0 and summary["complete"] is True
@@ -150,9 +147,10 @@ def test_cancel_stops_a_run_and_keeps_a_partial_summary(live_agent: LiveAgent, t
     live_agent.agent.runs.results_dir = str(tmp_path)
     r = httpx.post(live_agent.api + "/v1/runs", json={"engine": "sim", "duration_s": 60, "run_id": "long"})
     assert r.status_code == 201
-    wait_for(lambda: httpx.get(live_agent.api + "/v1/runs/long").json()["status"] == "running")
+    wait_for("the long run running", lambda: httpx.get(live_agent.api + "/v1/runs/long").json()["status"] == "running")
     assert httpx.post(live_agent.api + "/v1/runs/long/cancel").status_code == 200
-    done = wait_for(lambda: (v := httpx.get(live_agent.api + "/v1/runs/long").json())["status"] == "cancelled" and v)
+    done = wait_for("the long run cancelled",
+                    lambda: (v := httpx.get(live_agent.api + "/v1/runs/long").json())["status"] == "cancelled" and v)
     assert done["summary"]["complete"] is False
     assert (tmp_path / "long.json").stat().st_size > 0  # the partial record replaced the claimed name
 

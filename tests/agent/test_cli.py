@@ -14,13 +14,7 @@ import pytest
 
 from tests.agent.conftest import spawn_agent
 from tests.agent.telemetry.otlp_receiver import OtlpHttpReceiver
-from tests.helpers import wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import free_port, wait_for
 
 
 def rackscope(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:

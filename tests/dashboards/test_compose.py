@@ -203,10 +203,14 @@ def test_dockerfile_builds_the_agent_image_from_python_slim() -> None:
     assert 'ENTRYPOINT ["rackscope"]' in text
     assert "pip install" in text
     assert "USER rackscope" in text
+    # Every folder the `rackscope` namespace links to must reach the build context and the image,
+    # or the wheel built there silently lacks that room.
+    linked = {p.name for p in (ROOT / "rackscope").iterdir() if p.is_symlink()}
+    assert linked == {"agent", "runner", "rack", "dashboards"}
     ignore = (ROOT / ".dockerignore").read_text().split()
-    for needed in ("!pyproject.toml", "!README.md", "!rackscope/", "!agent/", "!runner/", "!dashboards/"):
+    for needed in ("!pyproject.toml", "!README.md", "!rackscope/", *(f"!{name}/" for name in linked)):
         assert needed in ignore
     copied = re.findall(r"^COPY (\S+)", text, re.M)
-    assert {"rackscope", "agent", "runner", "dashboards", "pyproject.toml"} <= set(copied)
+    assert {"rackscope", "pyproject.toml", *linked} <= set(copied)
 
 

@@ -25,11 +25,11 @@ simulated engines, not through it).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +42,7 @@ import httpx
 import pytest
 
 from rackscope.dashboards import names, rules
+from tests import helpers
 from tests.dashboards import grafana_json as gj
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -64,22 +65,9 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_for(what: str, check: Any, timeout_s: float, interval_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})")
+# Prometheus answers queries, not events: twice a second is often enough.
+wait_for = functools.partial(helpers.wait_for, interval_s=0.5)
+free_port = helpers.free_port
 
 
 @dataclass

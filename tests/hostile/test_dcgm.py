@@ -14,7 +14,6 @@ import functools
 import re
 import signal
 import socket
-import socketserver
 import subprocess
 import threading
 import time
@@ -28,6 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import rackscope_command, start_limited, stop_process, wait_for
+from tests.helpers.servers import RawHttpServer
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +73,11 @@ def gzip_bomb() -> bytes:
     return member * (BOMB_DECODED_BYTES // BOMB_MEMBER_BYTES)
 
 
-class HostileExporter:
+class HostileExporter(RawHttpServer):
     """Answers each scrape according to ``mode``: ``page`` (``page_for(scrape number)``),
     ``trickle``, ``lie`` or ``bomb``. ``stalled`` counts answers left hanging right now."""
+
+    path = "/metrics"
 
     def __init__(self, page_for: Callable[[int], str]) -> None:
         self.page_for = page_for
@@ -83,35 +85,9 @@ class HostileExporter:
         self.scrapes = 0
         self.stalled = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        exporter = self
+        super().__init__()
 
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                exporter._answer(self.request)
-
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/metrics"
-
-    def close(self) -> None:
-        self._stop.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _answer(self, sock: socket.socket) -> None:
-        sock.settimeout(5.0)
-        request = b""
-        while b"\r\n\r\n" not in request:
-            data = sock.recv(4096)
-            if not data:
-                return
-            request += data
+    def _respond(self, sock: socket.socket, head: bytes) -> None:
         with self._lock:
             mode, number = self.mode, self.scrapes
             self.scrapes += 1

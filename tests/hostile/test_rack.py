@@ -28,7 +28,7 @@ from aiohttp import web
 from rackscope.rack.coordinator import RackRun
 from rackscope.rack.spec import RackRunSpec
 from tests.helpers import rackscope_command, start_limited, stop_process, wait_for
-from tests.rack.agents import AgentProcess, active_runs, runs_of, sim_agent_args
+from tests.rack.agents import AgentProcess, active_runs, running_agents, runs_of, sim_agent_args
 
 pytestmark = pytest.mark.slow
 
@@ -185,14 +185,8 @@ def good_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Agent
     """Two real simulated agents, shared by this module's tests: each test uses its own run id
     and starts only when neither agent has a run active."""
     tmp = tmp_path_factory.mktemp("agents")
-    procs = [AgentProcess(sim_agent_args(node, tmp)) for node in ("g1", "g2")]
-    try:
-        for p in procs:
-            p.wait_ready()
+    with running_agents(sim_agent_args(node, tmp) for node in ("g1", "g2")) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.stop()
 
 
 @pytest.fixture
@@ -205,6 +199,14 @@ def fakes() -> Iterator[list[FakeAgent]]:
 
 def _idle(agents: list[AgentProcess]) -> None:
     wait_for("the agents to have no active run", lambda: not any(active_runs(a.url) for a in agents), timeout_s=30)
+
+
+def _one_fake(good_agents: list[AgentProcess], fakes: list[FakeAgent], node: str, misbehaviour: str) -> FakeAgent:
+    """Once the real agents have no run active: one misbehaving agent, stopped after the test."""
+    _idle(good_agents)
+    fake = FakeAgent(node, misbehaviour)
+    fakes.append(fake)
+    return fake
 
 
 def _coordinator(urls: list[str], out: Path, run_id: str, *flags: str) -> subprocess.Popen[str]:
@@ -283,9 +285,7 @@ def test_garbage_answers_fail_only_their_node(
 def test_hung_start_does_not_hold_back_the_other_nodes(
     good_agents: list[AgentProcess], fakes: list[FakeAgent], tmp_path: Path
 ) -> None:
-    _idle(good_agents)
-    hung = FakeAgent("hung", "start-hangs")
-    fakes.append(hung)
+    hung = _one_fake(good_agents, fakes, "hung", "start-hangs")
     run_id = "hung1"
     deadline_s = 15.0
     out = tmp_path / "bundle"
@@ -320,9 +320,7 @@ def test_hung_start_does_not_hold_back_the_other_nodes(
 def test_sigterm_mid_run_cancels_every_started_run_and_finalizes(
     good_agents: list[AgentProcess], fakes: list[FakeAgent], tmp_path: Path
 ) -> None:
-    _idle(good_agents)
-    hung = FakeAgent("hung", "start-hangs")
-    fakes.append(hung)
+    hung = _one_fake(good_agents, fakes, "hung", "start-hangs")
     run_id = "term1"
     out = tmp_path / "bundle"
     proc = _coordinator([a.url for a in good_agents] + [hung.url], out, run_id, "--duration", "60",
@@ -354,9 +352,7 @@ def test_sigterm_mid_run_cancels_every_started_run_and_finalizes(
 def test_second_signal_while_cancelling_still_finalizes(
     good_agents: list[AgentProcess], fakes: list[FakeAgent], tmp_path: Path
 ) -> None:
-    _idle(good_agents)
-    stuck = FakeAgent("stuck", "cancel-hangs")
-    fakes.append(stuck)
+    stuck = _one_fake(good_agents, fakes, "stuck", "cancel-hangs")
     run_id = "twice1"
     out = tmp_path / "bundle"
     good = good_agents[0]

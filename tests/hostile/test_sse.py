@@ -14,7 +14,6 @@ import json
 import os
 import resource
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import pytest
 from rackscope.runner.engines.base import Failed, FirstToken, Request, Tokens
 from rackscope.runner.engines.openai import OpenAIEngine
 from tests.helpers import rackscope_command, start_limited, stop_process, wait_for
+from tests.helpers.servers import LoopServer
 
 # Real processes and servers: seconds each (`pytest -m 'not slow'` leaves them out).
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ class Served:
     client_left: bool = False
 
 
-class HostileServer:
+class HostileServer(LoopServer):
     """An OpenAI-compatible server on 127.0.0.1 that answers each request the way it is told.
 
     The mode comes from ``x_hostile`` in the request body (the engine passes ``Request.extra``
@@ -84,45 +84,11 @@ class HostileServer:
     """
 
     def __init__(self, modes: dict[str, str] | None = None) -> None:
+        super().__init__("hostile-server")
         self.modes = modes or {}
         self.served: dict[str, Served] = {}
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="hostile-server", daemon=True)
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> HostileServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
@@ -141,9 +107,6 @@ class HostileServer:
                 await self._respond(writer, served, req)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             return  # the client left, or the server is closing
-        finally:
-            self._tasks.discard(task)
-            writer.close()
 
     async def _send(self, w: asyncio.StreamWriter, served: Served, data: bytes) -> None:
         try:

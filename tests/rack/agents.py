@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,22 @@ class AgentProcess:
 
     def stop(self) -> None:
         stop_process(self.proc, timeout_s=15.0)
+
+
+@contextlib.contextmanager
+def running_agents(args_per_agent: Iterable[list[str]]) -> Iterator[list[AgentProcess]]:
+    """One ``AgentProcess`` per argument list, all ready before the block runs; every one
+    started is stopped after it, however it ends."""
+    procs: list[AgentProcess] = []
+    try:
+        for args in args_per_agent:
+            procs.append(AgentProcess(args))
+        for p in procs:
+            p.wait_ready()
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
 
 
 def sim_agent_args(node: str, tmp: Path, host: str = "127.0.0.1", extra: tuple[str, ...] = ()) -> list[str]:

@@ -21,20 +21,14 @@ from rackscope.rack.coordinator import RackRun
 from rackscope.rack.record import SCHEMA
 from rackscope.rack.spec import RackRunSpec
 from tests.helpers import stop_process, wait_for
-from tests.rack.agents import AgentProcess, runs_of, sim_agent_args
+from tests.rack.agents import AgentProcess, running_agents, runs_of, sim_agent_args
 
 
 # --- real agents ---------------------------------------------------------------------------------
 @pytest.fixture
 def agents(tmp_path: Path) -> Iterator[list[AgentProcess]]:
-    procs = [AgentProcess(sim_agent_args(f"n0{i}", tmp_path)) for i in (1, 2, 3)]
-    try:
-        for p in procs:
-            p.wait_ready()
+    with running_agents(sim_agent_args(f"n0{i}", tmp_path) for i in (1, 2, 3)) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def _rack_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

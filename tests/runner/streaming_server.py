@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import threading
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from tests.helpers.servers import LoopServer
 
 
 @dataclass
@@ -50,52 +51,17 @@ class Received:
     body: dict[str, Any]
 
 
-class StreamingServer:
+class StreamingServer(LoopServer):
     def __init__(self, behaviour: Behaviour | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__("streaming-server", ssl_context)
         self.behaviour = behaviour or Behaviour()
-        self._ssl = ssl_context
         self.requests: list[Received] = []
         self.connections = 0
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.Server | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="streaming-server", daemon=True)
-        self._handlers: set[asyncio.Task[None]] = set()
-
-    @property
-    def base_url(self) -> str:
-        return f"{'https' if self._ssl else 'http'}://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> StreamingServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._ssl)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
 
     # -- HTTP ---------------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
         try:
             while True:
                 try:
@@ -117,9 +83,6 @@ class StreamingServer:
                     return
         except (ConnectionError, asyncio.CancelledError):
             return
-        finally:
-            self._handlers.discard(task)
-            writer.close()
 
     def _close_after(self, body: dict[str, Any]) -> bool:
         return bool((body.get("x_test") or {}).get("close_after", self.behaviour.close_after))

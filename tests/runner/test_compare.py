@@ -24,7 +24,7 @@ from rackscope.runner.measured import Window
 from rackscope.runner.results.stats import percentile
 from rackscope.runner.verdict import Buckets, QuantileSampler, RateSampler, change_interval, decide
 from tests.helpers import rackscope_command
-from tests.rack.agents import AgentProcess, sim_agent_args
+from tests.rack.agents import running_agents, sim_agent_args
 
 LAT = {"count": 100, "mean": 0.2, "min": 0.1, "max": 0.5, "p50": 0.2, "p90": 0.3, "p95": 0.32, "p99": 0.4,
        "p999": 0.45}
@@ -335,18 +335,12 @@ def slowdown_bundles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     """Two real agents (n01, n02); a rack run, then `engine-slow=1.03` injected into n02 through
     its API, then the same rack run again."""
     tmp = tmp_path_factory.mktemp("slowdown")
-    agents = [AgentProcess(sim_agent_args(node, tmp, extra=("--gpus", "1", "--gpu-model", "h100", "--rack", "lab")))
-              for node in ("n01", "n02")]
-    try:
-        for a in agents:
-            a.wait_ready()
+    extra = ("--gpus", "1", "--gpu-model", "h100", "--rack", "lab")
+    with running_agents(sim_agent_args(node, tmp, extra=extra) for node in ("n01", "n02")) as agents:
         urls = [a.url for a in agents]
         base = rack_run(urls, tmp / "base")
         _post(f"{agents[1].url}/v1/faults", {"fault": "engine-slow", "value": 1.03})
         yield base, rack_run(urls, tmp / "slow")
-    finally:
-        for a in agents:
-            a.stop()
 
 
 def node_record(rack_json: Path, node: str) -> str:

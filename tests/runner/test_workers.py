@@ -23,6 +23,7 @@ from rackscope.runner.workers import collect, run_workers
 from tests.helpers import start_limited, stop_process, wait_for
 
 SERVER_PATH = Path(__file__).resolve().parent / "streaming_server.py"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_server_module() -> ModuleType:
@@ -187,8 +188,14 @@ if __name__ == "__main__":
 def test_sigint_stops_the_workers_and_returns_what_completed(tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
+    # The server module imports ``tests.helpers``: the driver, run from tmp_path, finds it on PYTHONPATH.
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        [sys.executable, str(driver), str(SERVER_PATH)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(driver), str(SERVER_PATH)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": pythonpath},
     )
     assert proc.stdout is not None
     # Twelve requests sent with eight slots means the four short ones finished (only they can

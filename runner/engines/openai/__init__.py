@@ -51,9 +51,9 @@ every process, so records from several worker processes compare directly. An eng
 its connections belong to the event loop that first used them.
 """
 
+from rackscope.runner.config import DEFAULT_REQUEST_DEADLINE_S
 from rackscope.runner.engines.openai.engine import (
     DEFAULT_CONNECT_TIMEOUT_S,
-    DEFAULT_REQUEST_DEADLINE_S,
     DEFAULT_TIMEOUT_S,
     ApiName,
     OpenAIEngine,

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from rackscope.errors import EngineUnavailable
+from rackscope.runner.config import DEFAULT_REQUEST_DEADLINE_S, DEFAULT_REQUEST_TIMEOUT_S
 from rackscope.runner.engines.base import EngineEvent, Failed, FirstToken, Request, Tokens
 from rackscope.runner.engines.openai.sinks import BodySink, EventSink, RecordSink, Sink
 from rackscope.runner.engines.openai.wire import Conn, Pool
@@ -19,12 +20,12 @@ from rackscope.runner.records import RequestRecord
 
 _now = time.perf_counter
 
-DEFAULT_TIMEOUT_S = 600.0  # longest silence from the server (before headers, between chunks)
+# The defaults are the run settings' own (declared once in runner.config): DEFAULT_TIMEOUT_S is the
+# longest silence from the server (before headers, between chunks); DEFAULT_REQUEST_DEADLINE_S the
+# longest a whole request may take, first byte out to last byte in, which bounds a server that
+# keeps talking and never finishes (an endless or trickling stream).
+DEFAULT_TIMEOUT_S = DEFAULT_REQUEST_TIMEOUT_S
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
-# Longest a whole request may take, first byte out to last byte in. Silence is caught by the
-# timeout above; this bounds a server that keeps talking and never finishes (an endless or
-# trickling stream), which would otherwise hold a requests-bounded run open for ever.
-DEFAULT_REQUEST_DEADLINE_S = 1800.0
 WATCH_INTERVAL_S = 1.0  # how often, at most, in-flight requests are checked for both limits
 
 ApiName = Literal["completions", "chat"]

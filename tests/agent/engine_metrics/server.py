@@ -7,9 +7,9 @@ from __future__ import annotations
 import functools
 import gzip
 import socket
-import socketserver
-import threading
 import time
+
+from tests.helpers.servers import RawHttpServer
 
 
 @functools.cache
@@ -18,11 +18,13 @@ def gzip_bomb() -> bytes:
     return gzip.compress(b"\n" * (64 * 1024 * 1024), compresslevel=9)
 
 
-class PageServer:
+class PageServer(RawHttpServer):
     """``mode``: ``page`` (``body`` with ``content_type``), ``status`` (``status`` with a
     short body), ``trickle`` (a Content-Length under any cap, then a byte every 50 ms), ``flood`` (an
     endless body without length), ``bomb`` (gzip inflating far past any cap), ``silent``
     (reads the request, answers nothing)."""
+
+    path = "/metrics"
 
     def __init__(self, body: bytes = b"", content_type: str = "text/plain; version=0.0.4; charset=utf-8") -> None:
         self.body = body
@@ -30,35 +32,9 @@ class PageServer:
         self.mode = "page"
         self.status = 200
         self.requests = 0
-        self._stop = threading.Event()
-        server = self
+        super().__init__()
 
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                server._answer(self.request)
-
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/metrics"
-
-    def close(self) -> None:
-        self._stop.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _answer(self, sock: socket.socket) -> None:
-        sock.settimeout(5.0)
-        request = b""
-        while b"\r\n\r\n" not in request:
-            data = sock.recv(4096)
-            if not data:
-                return
-            request += data
+    def _respond(self, sock: socket.socket, head: bytes) -> None:
         self.requests += 1
         mode = self.mode
         try:

@@ -146,6 +146,16 @@ def source_for(exporter: FakeExporter, clock: VirtualClock, **kwargs: object) ->
     return DcgmSource(exporter.url, clock=clock, wall_clock=lambda: WALL_S, **kwargs)  # type: ignore[arg-type]
 
 
+def opened_on_l4(
+    serve: Callable[..., FakeExporter], clock: VirtualClock, timeout_s: float
+) -> tuple[FakeExporter, DcgmSource]:
+    """The two-L4 recording served, and a source opened on it with ``timeout_s``."""
+    exporter = serve(recording("l4x2_custom_no_help.prom"))
+    source = source_for(exporter, clock, timeout_s=timeout_s)
+    source.open()
+    return exporter, source
+
+
 def set_value(text: str, metric: str, gpu: int, value: object, instance: str | None = None) -> str:
     """Rewrite the value of ``metric`` on every line of GPU ``gpu`` (optionally one MIG instance)."""
     out, changed = [], 0
@@ -597,9 +607,7 @@ def test_bad_answer_mid_run_then_recovery(
 
 
 def test_hung_exporter_times_out(serve: Callable[..., FakeExporter], clock: VirtualClock) -> None:
-    exporter = serve(recording("l4x2_custom_no_help.prom"))
-    source = source_for(exporter, clock, timeout_s=0.2)
-    source.open()
+    exporter, source = opened_on_l4(serve, clock, timeout_s=0.2)
     exporter.delay_s = 30.0
     started = time.monotonic()
     samples = source.sample()
@@ -614,9 +622,7 @@ def test_a_trickling_exporter_fails_the_scrape_at_its_deadline(
     serve: Callable[..., FakeExporter], clock: VirtualClock
 ) -> None:
     # Each byte arrives well within any per-read timeout; the whole scrape never would.
-    exporter = serve(recording("l4x2_custom_no_help.prom"))
-    source = source_for(exporter, clock, timeout_s=0.5)
-    source.open()
+    exporter, source = opened_on_l4(serve, clock, timeout_s=0.5)
     exporter.trickle_s = 0.05
     started = time.monotonic()
     samples = source.sample()
@@ -628,9 +634,7 @@ def test_a_trickling_exporter_fails_the_scrape_at_its_deadline(
 
 
 def test_interrupt_ends_a_scrape_in_flight(serve: Callable[..., FakeExporter], clock: VirtualClock) -> None:
-    exporter = serve(recording("l4x2_custom_no_help.prom"))
-    source = source_for(exporter, clock, timeout_s=30.0)
-    source.open()
+    exporter, source = opened_on_l4(serve, clock, timeout_s=30.0)
     exporter.delay_s = 60.0
     result: list[list[GpuSample]] = []
     worker = threading.Thread(target=lambda: result.append(source.sample()))
@@ -655,9 +659,7 @@ def test_interrupt_ends_a_scrape_in_flight(serve: Callable[..., FakeExporter], c
 def test_after_interrupt_a_healthy_exporter_still_gives_a_last_sample(
     serve: Callable[..., FakeExporter], clock: VirtualClock
 ) -> None:
-    exporter = serve(recording("l4x2_custom_no_help.prom"))
-    source = source_for(exporter, clock, timeout_s=30.0)
-    source.open()
+    exporter, source = opened_on_l4(serve, clock, timeout_s=30.0)
     source.interrupt()
     assert all(s.ok for s in source.sample())
     exporter.delay_s = 60.0
