@@ -509,7 +509,9 @@ def test_sigint_during_an_http_run_cancels_in_flight_requests(tmp_path: Path, se
     s = load_run(tmp_path / "out.json")["summary"]
     assert s["complete"] is False
     assert s["stop_reason"] == "cancelled"
-    assert s["requests_cancelled"] == 32
+    # What was in flight is cancelled: up to the 32 slots (a slot whose request just finished may
+    # be between requests at that instant), and nothing is counted as failed.
+    assert 1 <= s["requests_cancelled"] <= 32
     assert s["requests_failed"] == 0
     # The server saw the clients leave: nothing of this run is still running there.
     def running() -> list[float]:
