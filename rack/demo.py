@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -31,6 +31,8 @@ from rackscope.errors import ConfigError
 from rackscope.runner.engines.base import ReportsStats
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from rackscope.agent.faults import Fault
     from rackscope.agent.node import NodeAgent
     from rackscope.rack.coordinator import RackRun
@@ -315,6 +317,95 @@ class LiveSampler:
         )
 
 
+# --- log lines while the view is up --------------------------------------------------------------
+class ConsoleLogHandler(logging.Handler):
+    """Prints log records through the live view's console: rich writes them above the view and
+    redraws the view below, where a write to the terminal behind its back would leave the frame
+    it had drawn on screen and the next refresh would draw a second one under the log line."""
+
+    def __init__(self, console: Console) -> None:
+        from rackscope.logs import formatter
+
+        super().__init__()
+        self.console = console
+        # The escaping formatter, as on stderr: a newline in a message cannot forge a line, nor an
+        # escape sequence move the cursor under the view.
+        self.setFormatter(formatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.text import Text
+
+        try:
+            line = self.format(record)
+            # Text, not a string: a message's square brackets are not rich markup.
+            self.console.print(Text(line), highlight=False)
+        except Exception:  # noqa: BLE001 - as logging's own handlers: a failed log line must not end the run
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def logs_through(console: Console) -> Iterator[None]:
+    """Sends every log record through ``console`` while the block runs, then puts the root
+    logger's own handlers back."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [ConsoleLogHandler(console)]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+
+
+# Every node's engine logs the same line as it starts; the demo starts all of them at once.
+ENGINE_LOGGER = "rackscope.runner.engines.sim"
+ENGINE_START_PREFIX = "simulated engine %s on "  # the start-up line's format, before its arguments
+
+
+class SameLineOncePerRack(logging.Filter):
+    """Holds back the engines' start-up lines until every node has logged its own, then logs each
+    distinct line once with the number of nodes that logged it: eighteen alike become one, and a
+    node whose engine differs (another GPU count, say) still gets a line of its own."""
+
+    def __init__(self, logger: logging.Logger, nodes: int, prefix: str = ENGINE_START_PREFIX) -> None:
+        super().__init__()
+        self.logger = logger
+        self.nodes = nodes
+        self.prefix = prefix
+        self.held: dict[str, int] = {}  # line -> nodes that logged it (insertion order kept)
+        self.seen = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "rackscope_grouped", False) or not str(record.msg).startswith(self.prefix):
+            return True
+        text = record.getMessage()
+        self.held[text] = self.held.get(text, 0) + 1
+        self.seen += 1
+        if self.seen >= self.nodes:
+            self.flush()
+        return False
+
+    def flush(self) -> None:
+        """Log what is held (at the end of the run too: a node that failed before its engine
+        started leaves the count short)."""
+        held, self.held = self.held, {}
+        for text, count in held.items():
+            self.logger.info(
+                "%s, on %d node%s", text, count, "" if count == 1 else "s", extra={"rackscope_grouped": True}
+            )
+
+
+@contextlib.contextmanager
+def engine_lines_grouped(nodes: int) -> Iterator[None]:
+    logger = logging.getLogger(ENGINE_LOGGER)
+    grouping = SameLineOncePerRack(logger, nodes)
+    logger.addFilter(grouping)
+    try:
+        yield
+    finally:
+        logger.removeFilter(grouping)
+        grouping.flush()
+
+
 # --- the demo ------------------------------------------------------------------------------------
 async def run_demo(
     opts: DemoOptions,
@@ -334,6 +425,7 @@ async def run_demo(
     faults = opts.faults()
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rackscope-demo-")))
+        stack.enter_context(engine_lines_grouped(opts.nodes))
         bundle_dir = opts.output if opts.output is not None else scratch / "bundle"
         rack = DemoRack(opts, scratch / "agents")
         await rack.start()
@@ -409,30 +501,31 @@ async def _watch(
     last_line = -math.inf
     measured: RackLive | None = None  # the last frame inside the measured window
     try:
-        while not task.done():
-            phase, elapsed = _phase(coordinator, time.time())
-            state = sampler.sample(coordinator, phase, elapsed)
-            if phase == "measuring":
-                measured = state
-            if on_frame is not None:
-                on_frame(state)
-            if live is not None:
-                live.update(render(state), refresh=True)
-            elif time.monotonic() - last_line >= PLAIN_PROGRESS_EVERY_S and phase != "starting":
-                last_line = time.monotonic()
-                print(
-                    f"[SIMULATED] {phase} {elapsed:5.1f} s: rack {state.tokens_per_s:,.0f} tokens/s, "
-                    f"{state.power_w / 1000:,.1f} kW",
-                    file=info,
-                    flush=True,
-                )
-            await asyncio.wait({task}, timeout=period)
-        if live is not None and not task.cancelled() and task.exception() is None:
-            # The last frame shows what was measured, not the engines winding down.
-            from rackscope.rack.demo_view import final_state
+        with logs_through(live.console) if live is not None else contextlib.nullcontext():
+            while not task.done():
+                phase, elapsed = _phase(coordinator, time.time())
+                state = sampler.sample(coordinator, phase, elapsed)
+                if phase == "measuring":
+                    measured = state
+                if on_frame is not None:
+                    on_frame(state)
+                if live is not None:
+                    live.update(render(state), refresh=True)
+                elif time.monotonic() - last_line >= PLAIN_PROGRESS_EVERY_S and phase != "starting":
+                    last_line = time.monotonic()
+                    print(
+                        f"[SIMULATED] {phase} {elapsed:5.1f} s: rack {state.tokens_per_s:,.0f} tokens/s, "
+                        f"{state.power_w / 1000:,.1f} kW",
+                        file=info,
+                        flush=True,
+                    )
+                await asyncio.wait({task}, timeout=period)
+            if live is not None and not task.cancelled() and task.exception() is None:
+                # The last frame shows what was measured, not the engines winding down.
+                from rackscope.rack.demo_view import final_state
 
-            last = measured or sampler.sample(coordinator, "done", 0.0)
-            live.update(render(final_state(last, task.result())), refresh=True)
+                last = measured or sampler.sample(coordinator, "done", 0.0)
+                live.update(render(final_state(last, task.result())), refresh=True)
     finally:
         if live is not None:
             live.stop()

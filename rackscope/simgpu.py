@@ -119,6 +119,11 @@ BUSY_POWER_FRACTION = 0.96  # a saturated inference GPU sits just under its limi
 THERMAL_THROTTLE_CLOCK = 0.70
 NVLINK_DEGRADED_BANDWIDTH = 0.40
 NVLINK_DEGRADED_SPEED = 0.85
+# Link-layer error rates of a degraded link (errors/s, summed over the GPU's links): CRC errors
+# cause replays, and a few bursts force a link retrain (recovery). A healthy link counts none.
+NVLINK_DEGRADED_CRC_PER_S = 40.0
+NVLINK_DEGRADED_REPLAY_PER_S = 8.0
+NVLINK_DEGRADED_RECOVERY_PER_S = 0.5
 DYNAMIC_POWER_EXPONENT = 2.5  # dynamic power ~ f * V^2, V ~ f^0.75
 
 # NVML clock-event reason bits (nvmlClocksEventReason*), so sim and NVML samples agree.
@@ -189,6 +194,9 @@ class SimGpu:
     temperature_c: float = AMBIENT_C
     xid_errors: int = 0
     last_xid: int | None = None
+    nvlink_crc_errors: float = 0.0  # since start; whole counts are reported
+    nvlink_replay_errors: float = 0.0
+    nvlink_recovery_errors: float = 0.0
     _t: float = field(default=-1.0, repr=False)
 
     def __post_init__(self) -> None:
@@ -263,6 +271,10 @@ class SimGpu:
         if not self.faults.dropped:
             self.nvlink_tx_bytes += min(self.nvlink_tx_bytes_per_s, link) * dt
             self.nvlink_rx_bytes += min(self.nvlink_rx_bytes_per_s, link) * dt
+            if self.faults.nvlink_degraded:
+                self.nvlink_crc_errors += NVLINK_DEGRADED_CRC_PER_S * dt
+                self.nvlink_replay_errors += NVLINK_DEGRADED_REPLAY_PER_S * dt
+                self.nvlink_recovery_errors += NVLINK_DEGRADED_RECOVERY_PER_S * dt
         target = AMBIENT_C + power * THERMAL_RESISTANCE_C_PER_W
         if self.faults.thermal_throttle:
             target = max(target, THROTTLE_TEMPERATURE_C)

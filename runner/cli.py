@@ -44,7 +44,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "  rackscope run --engine openai --url http://127.0.0.1:8000 --model llama2-70b \\\n"
             "      --scenario concurrency --concurrency 32 --requests 200 --output out.json\n"
             "  rackscope run --engine sim --gpu-model gb300 --gpus 4 --scenario offline \\\n"
-            "      --duration 10 --output out.json\n\n"
+            "      --duration 10 --warm-start --output out.json\n\n"
+            "--warm-start starts the simulated engine in steady state. A cold offline start\n"
+            "fills every batch at once and its requests then stay in step: the output rate\n"
+            "swings in a cycle of about 23 s that fixed lengths never break up, so a 10 s\n"
+            "window of a cold engine reads wherever in the swing it falls (about three\n"
+            "quarters of what the engine sustains), whenever the warm-up ends.\n\n"
             "Exit status: 0 when the run completed, 1 when it stopped early (errors, a server\n"
             "that went away), 2 for bad flags, 130/143 after Ctrl-C/SIGTERM (a partial record\n"
             "is still written)."
@@ -141,8 +146,10 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "inside its results bundle)."
         ),
     )
-    p.add_argument("record", help="run or rack record (JSON)")
-    p.add_argument("--output", default=None, help="folder for the report (default: RECORD-report beside the record)")
+    p.add_argument("record", nargs="+",
+                   help="run or rack record (JSON); several run records go on the same sweep charts (before/after)")
+    p.add_argument("--output", default=None,
+                   help="folder for the report (default: RECORD-report beside the (first) record)")
     p.set_defaults(func=report_main)
 
 

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,4 +86,41 @@ def format_summary(result: RunResult) -> str:
             f"p99 TPOT <= {s['tpot_limit_s'] * 1e3:g} ms); goodput {s['goodput_requests_per_s']:.2f} req/s"
             + (f"; {'; '.join(s['validity_reasons'])}" if s["validity_reasons"] else "")
         )
+    if result.sweep and result.point_summaries:
+        lines += _sweep_lines(result)
     return "\n".join(lines)
+
+
+_CHOSEN_BY = {
+    "meets_limits": "the highest output tokens/s that meets the limits",
+    "no_point_meets_limits": "no point meets the limits: the highest output tokens/s",
+    "no_limits": "no limits set: the highest output tokens/s",
+}
+
+
+def _point_name(point: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, int | float) else f"{k} {v}" for k, v in point.items()) or "-"
+
+
+def _sweep_lines(result: RunResult) -> list[str]:
+    """One row per sweep point, and which point the headline figures above are."""
+    s = result.summary
+    chosen = s.get("sweep") or {}
+    meets = {True: "yes", False: "no"}
+    header = (f"  {'point':<18} {'tokens/s':>10} {'tokens/J':>9} {'TTFT p50':>9} {'p99':>9} "
+              f"{'TPOT p50':>9} {'p99':>8}  meets limits")
+    lines = [
+        f"  the figures above are point {_point_name(chosen.get('point') or {})}"
+        f" ({_CHOSEN_BY.get(str(chosen.get('chosen_by')), '?')}); every point (ms):",
+        header,
+    ]
+    for phase, p in zip(result.phases, result.point_summaries, strict=True):
+        tpj = p["output_tokens_per_j"]
+        lines.append(
+            f"  {_point_name(phase.point or {}):<18} {p['output_tokens_per_s']:>10,.1f} "
+            f"{'-' if tpj is None else format(tpj, '.3f'):>9} {_ms(p['ttft_s']['p50']):>9} "
+            f"{_ms(p['ttft_s']['p99']):>9} {_ms(p['tpot_s']['p50']):>9} {_ms(p['tpot_s']['p99']):>8}  "
+            f"{meets.get(p['valid'], '-') if 'valid' in p else '- (no limits)'}"
+            + ("" if p["complete"] else "  INCOMPLETE")
+        )
+    return lines

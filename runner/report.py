@@ -3,7 +3,8 @@
 
 Plots: output tokens/s over time per node (and the rack total), latency CDFs (TTFT,
 TPOT/ITL, end-to-end) from the per-request JSONL, power against throughput per 1 s bucket,
-and tokens per joule per node (per GPU for a single-node run).
+and tokens per joule per node (per GPU for a single-node run); for sweeps, and for several
+records on one chart, the load plots of ``runner.report_sweep``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rackscope.errors import ResultError
 from rackscope.fileio import atomic_writer
 from rackscope.jsontypes import JsonDict
+from rackscope.runner import report_sweep
 from rackscope.runner.results.io import check_schema, load_json, load_requests, load_run
 from rackscope.runner.results.stats import percentile
 
@@ -378,6 +380,9 @@ def markdown(data: ReportInput, images: Mapping[str, str]) -> str:
         lines.append(f"| rack power | {_fmt((s.get('power_w') or 0) / 1000, ',.2f', ' kW')} |")
     else:
         lines.append(f"| scenario | {(r.get('config') or {}).get('scenario', '-')} |")
+        headline = report_sweep.headline_row(r)
+        if headline:
+            lines.append(headline)
         lines.append(f"| output tokens/s | {_fmt(s.get('output_tokens_per_s'))} |")
         lines.append(f"| output tokens/s per GPU | {_fmt(s.get('output_tokens_per_s_per_gpu'))} |")
         lines.append(
@@ -414,6 +419,9 @@ def markdown(data: ReportInput, images: Mapping[str, str]) -> str:
             lines.append(f"| {n.name}{' (straggler)' if n.straggler else ''} | {n.status} | {_fmt(n.tokens_per_s)} | "
                          f"{_fmt(n.power_w)} | {_fmt(n.tokens_per_j, ',.3f')} |")
         lines.append("")
+    if data.kind == "run" and report_sweep.is_sweep(r):
+        series = [report_sweep.series_of(data.path.name.removesuffix(".json"), r)]
+        lines += ["## Sweep points", "", *report_sweep.markdown_rows(series), ""]
     latency = _latency_rows(data)
     if latency:
         lines += ["## Latency (ms)", "", "| | requests | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|"]
@@ -422,7 +430,7 @@ def markdown(data: ReportInput, images: Mapping[str, str]) -> str:
     lines.append("")
     titles = {
         "throughput": "Output tokens/s over time", "latency": "Latency CDFs",
-        "power": "Power against throughput", "tokens_per_joule": "Tokens per joule",
+        "power": "Power against throughput", "tokens_per_joule": "Tokens per joule", **report_sweep.TITLES,
     }
     for key, file in images.items():
         lines += [f"### {titles.get(key, key)}", "", f"![{titles.get(key, key)}]({file})", ""]
@@ -440,8 +448,12 @@ PLOTS = (
 )
 
 
-def write_report(record_path: str | Path, output_dir: str | Path | None = None) -> list[Path]:
-    """Write the PNGs and ``report.md``; returns the files written (Markdown last)."""
+def write_report(record_paths: str | Path | Sequence[str | Path], output_dir: str | Path | None = None) -> list[Path]:
+    """Write the PNGs and ``report.md``; returns the files written (Markdown last). Several
+    run records go on the same sweep charts, one line each."""
+    paths = [Path(record_paths)] if isinstance(record_paths, str | Path) else [Path(p) for p in record_paths]
+    if not paths:
+        raise ResultError("no record to report on")
     try:
         import matplotlib
     except ImportError as exc:
@@ -449,26 +461,62 @@ def write_report(record_path: str | Path, output_dir: str | Path | None = None) 
         raise ResultError("rackscope report draws with matplotlib: pip install 'rackscope[plots]'") from exc
 
     matplotlib.use("Agg")
-    data = load_input(record_path)
-    out = Path(output_dir) if output_dir is not None else default_output(Path(record_path))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ResultError(f"cannot create {out}: {exc.strerror or exc}") from exc
+    if len(paths) > 1:
+        return _write_several(paths, output_dir)
+    data = load_input(paths[0])
+    out = _output_dir(paths, output_dir)
     written: list[Path] = []
     images: dict[str, str] = {}
     for key, name, plot in PLOTS:
         if plot(data, out / name):
             images[key] = name
             written.append(out / name)
-    md = out / "report.md"
+    if data.kind == "run" and report_sweep.is_sweep(data.record):
+        series = [report_sweep.series_of(paths[0].name.removesuffix(".json"), data.record)]
+        sweep_images = report_sweep.write_plots(series, out, _figure_wide, _save, _colors(1),
+                                                " (SIMULATED)" if _simulated(data) else "")
+        images.update(sweep_images)
+        written += [out / name for name in sweep_images.values()]
+    return [*written, _write_md(out / "report.md", markdown(data, images))]
+
+
+def _write_several(paths: Sequence[Path], output_dir: str | Path | None) -> list[Path]:
+    records = [load_run(p) for p in paths]  # before/after charts compare run records
+    series = [report_sweep.series_of(report_sweep.label_for(p, r, paths), r)
+              for p, r in zip(paths, records, strict=True)]
+    out = _output_dir(paths, output_dir)
+    simulated = any((r.get("environment") or {}).get("simulated") for r in records)
+    images = report_sweep.write_plots(series, out, _figure_wide, _save, _colors(len(series)),
+                                      " (SIMULATED)" if simulated else "")
+    md = report_sweep.markdown_several(paths, records, series, images)
+    return [*(out / name for name in images.values()), _write_md(out / "report.md", md)]
+
+
+def _figure_wide() -> Figure:
+    return _figure(11.0, 5.0)
+
+
+def _output_dir(paths: Sequence[Path], output_dir: str | Path | None) -> Path:
+    if output_dir is not None:
+        out = Path(output_dir)
+    elif len(paths) == 1:
+        out = default_output(paths[0])
+    else:
+        out = paths[0].parent / ("-vs-".join(p.name.removesuffix(".json") for p in paths[:3]) + "-report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultError(f"cannot create {out}: {exc.strerror or exc}") from exc
+    return out
+
+
+def _write_md(md: Path, text: str) -> Path:
     try:
         with atomic_writer(md) as handle:
-            handle.write(markdown(data, images).encode())
+            handle.write(text.encode())
     except OSError as exc:
         raise ResultError(f"cannot write {md}: {exc.strerror or exc}") from exc
-    written.append(md)
-    return written
+    return md
 
 
 def default_output(record_path: Path) -> Path:

@@ -255,6 +255,18 @@ class Runner:
             ))
         return now, self.tokens_received
 
+    def tokens_generated(self) -> int:
+        """Output tokens generated so far, warm-up included, counting what requests still in
+        flight have generated. A submitted (simulated) request reports only its first token
+        and its end, so ``tokens_received`` alone moves in bursts as whole requests finish: a
+        cold offline start, whose first requests all finish late together, would look flat
+        (first tokens only) while its output is still climbing."""
+        pending = 0
+        for flight in self.inflight:
+            if flight.job is not None:
+                pending += max(0, int(flight.job.tokens_so_far) - flight.rec.output_tokens)
+        return self.tokens_received + pending
+
     # --- one phase -------------------------------------------------------------------------
     def _begin_measure(self, phase: Phase, now: float) -> None:
         self.measuring = True
@@ -383,7 +395,7 @@ class Runner:
             if now >= next_sample:
                 prev = self.sample(spec.label, prev)
                 if warm == "auto" and not self.measuring:
-                    history.append(prev)
+                    history.append((prev[0], self.tokens_generated()))
                     ramped = ramp_over(history)
                 next_sample = max(next_sample + SAMPLE_INTERVAL_S, now + SAMPLE_INTERVAL_S / 10)
                 if ramped:

@@ -5,7 +5,14 @@ requests-bounded ``offline`` run the warm-up batch drains before the measured ba
 (one query, as MLPerf); elsewhere, duration-bounded offline included, the measured window
 starts while the warm-up requests are still in flight so the load never dips. A
 duration-bounded offline run given no warm-up measures from the end of its ramp-up: when the
-output rate stops climbing (``ramp_over``).
+output rate stops climbing (``ramp_over``). The rate is that of the tokens generated, those of
+requests still in flight included: a simulated request reports only its first token and its
+end, and a cold start's first requests all end late together, so the tokens reported so far
+stay flat while the output is still climbing.
+
+The rule finds the end of a climb, not a steady state: the simulated engine started cold
+fills every batch at once and then swings (its requests stay in step), and no warm-up rule
+makes a short window of that swing read its mean; ``--warm-start`` starts it steady instead.
 """
 
 from __future__ import annotations

@@ -57,6 +57,10 @@ class GpuSample:
     last_xid: int | None = None
     ecc_corrected: int | None = None
     ecc_uncorrected: int | None = None
+    # NVLink link-layer errors since driver load, summed over the GPU's links.
+    nvlink_crc_errors: int | None = None  # CRC errors in flits and in data
+    nvlink_replay_errors: int | None = None  # packets sent again after an error
+    nvlink_recovery_errors: int | None = None  # link retrained after errors
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -79,6 +83,17 @@ READING_FIELDS = (
     "last_xid",
     "ecc_corrected",
     "ecc_uncorrected",
+    "nvlink_crc_errors",
+    "nvlink_replay_errors",
+    "nvlink_recovery_errors",
+)
+
+# The hw.errors ``error.type`` values of NVLink errors and the sample field each counts. Named like
+# "ecc_corrected": snake_case, the component first, so alerts can select them all with "nvlink_.*".
+NVLINK_ERROR_TYPES = (
+    ("nvlink_crc", "nvlink_crc_errors"),
+    ("nvlink_replay", "nvlink_replay_errors"),
+    ("nvlink_recovery", "nvlink_recovery_errors"),
 )
 
 

@@ -26,22 +26,26 @@ DCGM_FI_DEV_ENFORCED_POWER_LIMIT,      W                      power_limit_w
 DCGM_FI_DEV_CLOCKS_EVENT_REASONS,      NVML bitmask           throttle_reasons
   else DCGM_FI_DEV_CLOCK_THROTTLE_REASONS
 DCGM_FI_PROF_NVLINK_TX/RX_BYTES        B/s (rate)             nvlink_tx/rx_bytes, integrated over time
-  else DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL  MB/s, tx+rx (rate) half to each direction (an estimate)
+  else DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL  1,024,000 B/s, tx+rx   half to each direction (an estimate)
 DCGM_FI_PROF_PCIE_TX/RX_BYTES          B/s (rate)             pcie_tx/rx_bytes, integrated over time
   else DCGM_FI_DEV_PCIE_TX/RX_THROUGHPUT   KB/s (rate)
 DCGM_FI_DEV_XID_ERRORS                 last XID seen          last_xid; xid_errors counts changes to a
                                                               new non-zero value since ``open``
 DCGM_FI_DEV_ECC_SBE/DBE_VOL_TOTAL      count since driver     ecc_corrected / ecc_uncorrected
+DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_     count since driver,    nvlink_crc_errors (flit + data)
+  COUNT_TOTAL + CRC_DATA_..._TOTAL     all links
+DCGM_FI_DEV_NVLINK_REPLAY_/RECOVERY_   count since driver,    nvlink_replay_errors / nvlink_recovery_errors
+  ERROR_COUNT_TOTAL                    all links
 =====================================  =====================  ==========================================
 
 Facts behind the table (dcgm-exporter ``etc/default-counters.csv`` and ``dcp-metrics-included.csv``,
 DCGM ``dcgm_fields.h``, NVML docs, exporter issues):
 
-- ``DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL`` is declared ``counter`` in the CSVs but is a rate: values go
-  up and down between scrapes; users who checked it against ``nvidia-smi nvlink`` found MB/s, summed
-  over both directions and all links. We integrate it like the profiling rates and, having no
-  direction, give half to tx and half to rx (right for the symmetric collective traffic of tensor
-  parallel inference, a guess otherwise). The profiling fields, when present, are used instead.
+- ``DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL`` is declared ``counter`` in the CSVs but is a rate: DCGM sums
+  the rx and tx KiB/s of all links and divides by 1000, so one unit is 1,024,000 B/s (not 1 MB/s).
+  We integrate it like the profiling rates and, having no direction, give half to tx and half to rx
+  (right for the symmetric collective traffic of tensor parallel inference, a guess otherwise). The
+  per-direction profiling fields, when present, are used instead and nothing is split.
 - ``DCGM_FI_DEV_PCIE_TX/RX_THROUGHPUT`` (default CSV, deprecated in DCGM) come from NVML's PCIe
   throughput query: KB/s over a 20 ms window, despite the ``counter`` type in the CSV.
 - Rates are integrated with the trapezoidal rule between consecutive successful scrapes, so an
@@ -63,7 +67,9 @@ DCGM ``dcgm_fields.h``, NVML docs, exporter issues):
   back (a drop below a tenth is a driver restart, a smaller one jitter), rates integrate with the
   trapezoidal rule.
 
-Any field the exporter does not send becomes ``None`` for that tick, never zero.
+Any field the exporter does not send becomes ``None`` for that tick, never zero. The stock counters
+file lacks several of these; ``open`` names, once, every expected field the page lacks and points to
+``deploy/dcgm/rackscope-counters.csv``, which enables them all.
 """
 
 from __future__ import annotations
@@ -92,7 +98,8 @@ DEFAULT_PATH = "/metrics"
 HINT = "is dcgm-exporter running? pass --dcgm-url, or run with --source sim"
 
 MIB = 1024 * 1024
-MB = 1_000_000  # NVLINK_BANDWIDTH_TOTAL is reported in MB/s
+# DCGM computes NVLINK_BANDWIDTH_TOTAL as (rx + tx KiB/s) / 1000: one unit is 1,024,000 B/s.
+NVLINK_TOTAL_UNIT_BPS = 1024 * 1000
 KB = 1024  # NVML's PCIe throughput "KB/s"
 # A full exporter page for 8 GPUs with profiling fields is under 100 KiB; MIG instances and
 # Kubernetes pod labels multiply that by tens at most. Parsing costs ~10x the text in memory.
@@ -124,13 +131,42 @@ PCIE_RX_LEGACY = "DCGM_FI_DEV_PCIE_RX_THROUGHPUT"
 XID = "DCGM_FI_DEV_XID_ERRORS"
 ECC_SBE = "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL"
 ECC_DBE = "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"
+NVLINK_CRC_FLIT = "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL"
+NVLINK_CRC_DATA = "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL"
+NVLINK_REPLAY = "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL"
+NVLINK_RECOVERY = "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL"
+NVLINK_ERRORS = (NVLINK_CRC_FLIT, NVLINK_CRC_DATA, NVLINK_REPLAY, NVLINK_RECOVERY)
 
 # Fields this source reads (a GPU's other DCGM_FI_ lines only tell that it exists).
 FIELDS = frozenset(
     {POWER, ENERGY, FB_USED, FB_FREE, FB_RESERVED, FB_TOTAL, GPU_UTIL, SM_CLOCK, GPU_TEMP, POWER_LIMIT_ENFORCED}
     | {POWER_LIMIT, CLOCKS_EVENT_REASONS, CLOCK_THROTTLE_REASONS, NVLINK_TX, NVLINK_RX, NVLINK_TOTAL, PCIE_TX}
-    | {PCIE_RX, PCIE_TX_LEGACY, PCIE_RX_LEGACY, XID, ECC_SBE, ECC_DBE}
+    | {PCIE_RX, PCIE_TX_LEGACY, PCIE_RX_LEGACY, XID, ECC_SBE, ECC_DBE, *NVLINK_ERRORS}
 )
+# What a page should carry for every GPU reading to be filled: each entry is satisfied by any one of
+# its names (newer name first). Fallbacks that lose precision (NVLINK_BANDWIDTH_TOTAL, the legacy PCIe
+# throughput, FB_TOTAL) are not asked for. deploy/dcgm/rackscope-counters.csv enables all of them.
+EXPECTED: tuple[tuple[str, ...], ...] = (
+    (POWER,),
+    (ENERGY,),
+    (FB_USED,),
+    (FB_FREE,),
+    (FB_RESERVED,),
+    (GPU_UTIL,),
+    (SM_CLOCK,),
+    (GPU_TEMP,),
+    (POWER_LIMIT_ENFORCED, POWER_LIMIT),
+    (CLOCKS_EVENT_REASONS, CLOCK_THROTTLE_REASONS),
+    (NVLINK_TX,),
+    (NVLINK_RX,),
+    (PCIE_TX,),
+    (PCIE_RX,),
+    (XID,),
+    (ECC_SBE,),
+    (ECC_DBE,),
+    *((name,) for name in NVLINK_ERRORS),
+)
+COUNTERS_CSV = "deploy/dcgm/rackscope-counters.csv"
 # DCGM stores these as doubles; every other field above is an int64.
 _DOUBLE_FIELDS = frozenset({POWER, POWER_LIMIT_ENFORCED, POWER_LIMIT})
 _FP64_BLANK = float(2**47)  # DCGM_FP64_BLANK; the other double sentinels sit just above it
@@ -298,6 +334,8 @@ class _GpuState:
         self._pcie_field = ""  # "prof" or "legacy"
         self._ecc_corrected = MonotonicCounter(f"GPU {i} {ECC_SBE}", keep_first=True)
         self._ecc_uncorrected = MonotonicCounter(f"GPU {i} {ECC_DBE}", keep_first=True)
+        # Since driver load, like the ECC totals (keep_first): alerts look at increases.
+        self._nvlink_errors = {name: MonotonicCounter(f"GPU {i} {name}", keep_first=True) for name in NVLINK_ERRORS}
         self._xid = _XidTracker()
 
     def _value(self, lines: _GpuLines, name: str) -> float | None:
@@ -334,6 +372,8 @@ class _GpuState:
         throttle = self._value(lines, CLOCKS_EVENT_REASONS)
         if throttle is None:
             throttle = self._value(lines, CLOCK_THROTTLE_REASONS)
+        link_errors = {name: counter.update(lines.device_value(name)) for name, counter in self._nvlink_errors.items()}
+        crc_parts = [v for v in (link_errors[NVLINK_CRC_FLIT], link_errors[NVLINK_CRC_DATA]) if v is not None]
         return GpuSample(
             index=self.index,
             timestamp_s=wall_s,
@@ -355,6 +395,10 @@ class _GpuState:
             last_xid=last_xid,
             ecc_corrected=_as_int(self._ecc_corrected.update(lines.device_value(ECC_SBE))),
             ecc_uncorrected=_as_int(self._ecc_uncorrected.update(lines.device_value(ECC_DBE))),
+            # Flit and data CRC errors are one error.type; a page with only one of them counts that one.
+            nvlink_crc_errors=_as_int(sum(crc_parts)) if crc_parts else None,
+            nvlink_replay_errors=_as_int(link_errors[NVLINK_REPLAY]),
+            nvlink_recovery_errors=_as_int(link_errors[NVLINK_RECOVERY]),
         )
 
     def _power_limit(self, lines: _GpuLines) -> float | None:
@@ -397,13 +441,13 @@ class _GpuState:
         if tx_bps is not None or rx_bps is not None:
             self._follow_nvlink("prof")
             return self._nvlink_tx.update(tx_bps, now_s), self._nvlink_rx.update(rx_bps, now_s)
-        total_mbps = self._value(lines, NVLINK_TOTAL)
-        if total_mbps is None:
+        total_units = self._value(lines, NVLINK_TOTAL)
+        if total_units is None:
             return None, None
         message = "GPU %d: no %s/%s; splitting %s evenly between tx and rx"
         self._once.warn(("nvlink-split", self.index), message, self.index, NVLINK_TX, NVLINK_RX, NVLINK_TOTAL)
         self._follow_nvlink("total")
-        half_bps = total_mbps * MB / 2.0
+        half_bps = total_units * NVLINK_TOTAL_UNIT_BPS / 2.0
         return self._nvlink_tx.update(half_bps, now_s), self._nvlink_rx.update(half_bps, now_s)
 
     def _follow_nvlink(self, name: str) -> None:
@@ -538,6 +582,7 @@ class DcgmSource:
             self.hostname = scrape.hostname
             self.driver_version = scrape.driver_version
             self.mig_profiles = {i: dict(g.instances) for i, g in scrape.gpus.items() if g.mig}
+            self._warn_missing(scrape)
             self._opened = True
             self._outage = None
             log.info(
@@ -572,6 +617,21 @@ class DcgmSource:
             for index in scrape.gpus.keys() - self._gpus.keys():
                 self._once.warn(("new", index), "GPU %d appeared after start; it is ignored until restart", index)
             return samples
+
+    def _warn_missing(self, scrape: Scrape) -> None:
+        """One line naming every expected field that no GPU of the page carries, so an operator can
+        fix the exporter's counters file once instead of discovering gaps reading by reading."""
+        sent = set().union(*(set(g.whole) | set(g.by_instance) for g in scrape.gpus.values()))
+        missing = [names[0] for names in EXPECTED if not sent & set(names)]
+        if missing:
+            self._once.warn(
+                ("missing-fields",),
+                "dcgm-exporter at %s does not send %s; those readings stay empty. Run it with the "
+                "counters file %s (dcgm-exporter -f, or the GPU Operator's dcgmExporter.config ConfigMap)",
+                self._target.what,
+                ", ".join(missing),
+                COUNTERS_CSV,
+            )
 
     def interrupt(self) -> None:
         # No lock: the scrape in flight holds it, and this is what makes it let go.

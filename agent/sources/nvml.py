@@ -15,6 +15,11 @@ Failures come in tiers:
 Hardware counters (energy, NVLink bytes, ECC counts) follow ``rackscope.agent.sources.counters``:
 they never go back, a drop below a tenth is a driver restart and a smaller one jitter. Where a GPU
 has no energy counter, power is integrated with the trapezoidal rule.
+
+Memory comes from the v2 query, whose used memory excludes what the driver reserves (as
+dcgm-exporter's ``FB_USED`` does), else from v1 on drivers without it. NVLink errors are the
+driver's totals over all links (field values 38/45/52/59: CRC flit, CRC data, replay, recovery),
+read in the same field-values call as the NVLink throughput.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ SIM_HINT = "run with --source sim"
 
 _BYTES_PER_KIB = 1024
 _BYTES_PER_MIB = 1024 * 1024
+_NVLINK_ERRORS = "nvlink_errors"  # what the NVLink error totals are called in logs and gpu.unsupported
 _MAX_EVENTS_PER_TICK = 64  # bounds the drain loop if a driver keeps reporting events
 
 _CLOCK_EVENTS_FN = "nvmlDeviceGetCurrentClocksEventReasons"
@@ -134,6 +140,8 @@ class _Gpu:
     nvlink_rx: MonotonicCounter = field(init=False)
     ecc_corrected: MonotonicCounter = field(init=False)
     ecc_uncorrected: MonotonicCounter = field(init=False)
+    nvlink_errors: list[MonotonicCounter] = field(init=False)  # in nvml_h.FI_NVLINK_ERRORS_TOTAL order
+    memory_v1: bool = False  # the v2 memory query is not available: v1's used includes reserved
 
     def __post_init__(self) -> None:
         i = self.index
@@ -142,6 +150,9 @@ class _Gpu:
         self.nvlink_rx = MonotonicCounter(f"GPU {i} NVLink rx counter (KiB)")
         self.ecc_corrected = MonotonicCounter(f"GPU {i} corrected ECC errors", keep_first=True)
         self.ecc_uncorrected = MonotonicCounter(f"GPU {i} uncorrected ECC errors", keep_first=True)
+        self.nvlink_errors = [
+            MonotonicCounter(f"GPU {i} NVLink error field {f}", keep_first=True) for f in nvml_h.FI_NVLINK_ERRORS_TOTAL
+        ]
 
     @property
     def energy_integrated(self) -> bool:
@@ -241,7 +252,7 @@ class NvmlSource:
         index, handle = gpu.index, gpu.handle
         name = self._call(gpu, "name", "nvmlDeviceGetName", handle)
         uuid = self._call(gpu, "uuid", "nvmlDeviceGetUUID", handle)
-        memory = self._call(gpu, "memory", "nvmlDeviceGetMemoryInfo", handle)
+        memory = self._read_memory(gpu)
         limit_mw = self._call(gpu, "power_limit", "nvmlDeviceGetEnforcedPowerLimit", handle)
         gpu.info = GpuInfo(
             index=index,
@@ -379,7 +390,7 @@ class NvmlSource:
         self._read_energy(gpu, s, now_s)
         limit_mw = self._call(gpu, "power_limit", "nvmlDeviceGetEnforcedPowerLimit", h)
         s.power_limit_w = limit_mw / 1000.0 if limit_mw is not None else None
-        memory = self._call(gpu, "memory", "nvmlDeviceGetMemoryInfo", h)
+        memory = self._read_memory(gpu)
         if memory is not None:
             s.memory_used_bytes = int(memory.used)
             s.memory_total_bytes = int(memory.total)
@@ -399,6 +410,26 @@ class NvmlSource:
             s.ecc_uncorrected = _scaled(gpu.ecc_uncorrected.update(uncorrected), 1)
         self._read_xid(gpu, s)
         self._check.sweep(s)
+
+    def _read_memory(self, gpu: _Gpu) -> Any:
+        """The v2 memory query, whose used excludes the driver's reserved memory (as dcgm-exporter's
+        FB_USED does); v1, whose used includes it, where the driver or binding lacks v2."""
+        nv = self._nv
+        if not gpu.memory_v1 and "memory" not in gpu.unsupported:
+            version = getattr(nv, "nvmlMemory_v2", nvml_h.MEMORY_V2)
+            try:
+                return nv.nvmlDeviceGetMemoryInfo(gpu.handle, version=version)
+            except TypeError:
+                reason = "this nvidia-ml-py has no version argument"
+            except nv.NVMLError as exc:
+                if exc.value not in nvml_h.UNSUPPORTED:
+                    self._failed(gpu, "memory", exc)
+                    return None
+                reason = str(exc)
+            gpu.memory_v1 = True
+            message = "GPU %d: no v2 memory query (%s); used memory includes what the driver reserves"
+            log.info(message, gpu.index, reason)
+        return self._call(gpu, "memory", "nvmlDeviceGetMemoryInfo", gpu.handle)
 
     def _read_energy_counter(self, gpu: _Gpu, now_s: float) -> float | None:
         """Joules since open from the hardware counter (mJ since driver load). Where the GPU
@@ -460,8 +491,15 @@ class NvmlSource:
             else:
                 ids = [(nvml_h.FI_NVLINK_DATA_TX, link) for link in gpu.nvlink_links]
                 ids += [(nvml_h.FI_NVLINK_DATA_RX, link) for link in gpu.nvlink_links]
-            values = self._field_values(gpu, ids)
-            if values is None or any(v is None for v in values):
+            throughput = len(ids)
+            errors = self._nvlink_error_ids(gpu)
+            # One call for both: the error totals ride along with the throughput counters.
+            values = self._field_values(gpu, ids + errors)
+            if values is None:
+                return
+            self._set_nvlink_errors(gpu, s, values[throughput:])
+            values = values[:throughput]
+            if any(v is None for v in values):
                 return
             half = len(values) // 2
             tx_kib = sum(v or 0 for v in values[:half])
@@ -470,6 +508,24 @@ class NvmlSource:
             s.nvlink_rx_bytes = _scaled(gpu.nvlink_rx.update(rx_kib), _BYTES_PER_KIB)
         elif gpu.nvlink_mode == "gpm":
             self._read_gpm(gpu, s, now_s)
+            errors = self._nvlink_error_ids(gpu)
+            if errors:
+                # A separate call here, so its refusal leaves the GPM throughput alone.
+                self._set_nvlink_errors(gpu, s, self._field_values(gpu, errors, what=_NVLINK_ERRORS) or [])
+
+    def _nvlink_error_ids(self, gpu: _Gpu) -> list[tuple[int, int]]:
+        if _NVLINK_ERRORS in gpu.unsupported:
+            return []
+        return [(f, 0) for f in nvml_h.FI_NVLINK_ERRORS_TOTAL]
+
+    def _set_nvlink_errors(self, gpu: _Gpu, s: GpuSample, values: list[int | None]) -> None:
+        """CRC (flit + data), replay and recovery totals from the four field values, if read."""
+        if len(values) != len(gpu.nvlink_errors):
+            return
+        flit, data, replay, recovery = (c.update(v) for c, v in zip(gpu.nvlink_errors, values, strict=True))
+        s.nvlink_crc_errors = None if flit is None or data is None else int(flit + data)
+        s.nvlink_replay_errors = _scaled(replay, 1)
+        s.nvlink_recovery_errors = _scaled(recovery, 1)
 
     def _read_gpm(self, gpu: _Gpu, s: GpuSample, now_s: float) -> None:
         previous, current = gpu.gpm_samples
@@ -539,22 +595,26 @@ class NvmlSource:
             self._failed(gpu, what, exc, quiet=quiet)
             return None
 
-    def _field_values(self, gpu: _Gpu, ids: list[tuple[int, int]], quiet: bool = False) -> list[int | None] | None:
+    def _field_values(
+        self, gpu: _Gpu, ids: list[tuple[int, int]], quiet: bool = False, what: str = "nvlink"
+    ) -> list[int | None] | None:
         """``nvmlDeviceGetFieldValues``: one integer or ``None`` per (field, scope), or ``None``
         when the call as a whole failed."""
-        values = self._call(gpu, "nvlink", "nvmlDeviceGetFieldValues", gpu.handle, ids, quiet=quiet)
+        values = self._call(gpu, what, "nvmlDeviceGetFieldValues", gpu.handle, ids, quiet=quiet)
         if values is None:
             return None
         out: list[int | None] = []
         for value in values:
             code = int(value.nvmlReturn)
             if code == 0:
-                # Field 91 is an unsigned int, the throughput counters unsigned long long.
+                # Field 91 is an unsigned int, the throughput and error counters unsigned long long.
                 is_uint = value.fieldId == nvml_h.FI_NVLINK_LINK_COUNT
                 out.append(int(value.value.uiVal if is_uint else value.value.ullVal))
                 continue
             out.append(None)
-            self._failed(gpu, "nvlink", self._nv.NVMLError(code), quiet=quiet)
+            # A refused error total must not stop the throughput counters read in the same call.
+            what = _NVLINK_ERRORS if value.fieldId in nvml_h.FI_NVLINK_ERRORS_TOTAL else "nvlink"
+            self._failed(gpu, what, self._nv.NVMLError(code), quiet=quiet)
         return out
 
     def _failed(self, gpu: _Gpu, what: str, exc: Any, quiet: bool = False) -> None:

@@ -57,6 +57,17 @@ GPU_FAILED = frozenset(
 FI_NVLINK_LINK_COUNT = 91
 FI_NVLINK_DATA_TX = 138  # KiB
 FI_NVLINK_DATA_RX = 139  # KiB
+# NVLink error totals over all links since driver load (scopeId ignored).
+FI_NVLINK_CRC_FLIT_ERRORS_TOTAL = 38
+FI_NVLINK_CRC_DATA_ERRORS_TOTAL = 45
+FI_NVLINK_REPLAY_ERRORS_TOTAL = 52
+FI_NVLINK_RECOVERY_ERRORS_TOTAL = 59
+FI_NVLINK_ERRORS_TOTAL = (
+    FI_NVLINK_CRC_FLIT_ERRORS_TOTAL,
+    FI_NVLINK_CRC_DATA_ERRORS_TOTAL,
+    FI_NVLINK_REPLAY_ERRORS_TOTAL,
+    FI_NVLINK_RECOVERY_ERRORS_TOTAL,
+)
 SCOPE_ALL_LINKS = 0xFFFFFFFF  # scopeId UINT_MAX: the driver sums the counter over all links
 NVLINK_MAX_LINKS = 36
 GPM_NVLINK_TOTAL_RX_PER_SEC = 60  # MiB/s
@@ -67,4 +78,5 @@ CLOCK_SM = 1
 TEMPERATURE_GPU = 0
 ECC_CORRECTED = 0
 ECC_UNCORRECTED = 1
+MEMORY_V2 = 0x02000028  # nvmlMemory_v2: sizeof(nvmlMemory_v2_t) | 2 << 24
 ECC_VOLATILE = 0  # since driver load, as opposed to aggregate over the board's life

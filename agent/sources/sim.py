@@ -61,6 +61,9 @@ class SimSource:
                     last_xid=g.last_xid,
                     ecc_corrected=0,
                     ecc_uncorrected=0,
+                    nvlink_crc_errors=int(g.nvlink_crc_errors),
+                    nvlink_replay_errors=int(g.nvlink_replay_errors),
+                    nvlink_recovery_errors=int(g.nvlink_recovery_errors),
                 )
             )
         return samples

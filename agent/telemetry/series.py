@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from rackscope import contract
-from rackscope.agent.sources.base import THROTTLE_REASONS, GpuInfo, GpuSample
+from rackscope.agent.sources.base import NVLINK_ERROR_TYPES, THROTTLE_REASONS, GpuInfo, GpuSample
 from rackscope.contract import MetricDef
 
 Number = int | float
@@ -119,7 +119,12 @@ IO_LINKS = (
     ("transmit", "pcie", "pcie_tx_bytes"),
     ("receive", "pcie", "pcie_rx_bytes"),
 )
-ERROR_TYPES = (("xid", "xid_errors"), ("ecc_corrected", "ecc_corrected"), ("ecc_uncorrected", "ecc_uncorrected"))
+ERROR_TYPES = (
+    ("xid", "xid_errors"),
+    ("ecc_corrected", "ecc_corrected"),
+    ("ecc_uncorrected", "ecc_uncorrected"),
+    *NVLINK_ERROR_TYPES,
+)
 
 GPU_SERIES: tuple[GpuSeries, ...] = (
     GpuSeries(contract.HW_POWER, (), _field("power_w")),

@@ -127,10 +127,23 @@ class RunResult:
         )
 
     @functools.cached_property
+    def point_summaries(self) -> list[JsonDict]:
+        """Each sweep point's own summary (empty for a run that is not a sweep)."""
+        return [summarize(p, gpus=self.gpus, limits=self.limits) for p in self.phases] if self.sweep else []
+
+    @functools.cached_property
     def summary(self) -> JsonDict:
-        """The headline summary (of the whole run; a sweep's points have their own)."""
+        """The headline summary: of the whole run, or for a sweep of its chosen point (see
+        ``sweep_headline``): rates and percentiles over several load levels mix them into a
+        figure no single level produced."""
         whole = self.whole()
-        summary = summarize(whole, gpus=self.gpus, limits=None if self.sweep else self.limits)
+        if self.sweep and self.phases:
+            summary = sweep_headline(
+                [p.point or {} for p in self.phases], self.point_summaries, limited=self.limits is not None,
+            )
+            summary["stop_reason"] = whole.stop_reason
+        else:
+            summary = summarize(whole, gpus=self.gpus, limits=self.limits)
         summary["complete"] = self.complete
         return summary
 
@@ -140,11 +153,11 @@ class RunResult:
         per_gpu, per_node = gpu_totals(whole, node=self.node)
         points = []
         if self.sweep:
-            for p in self.phases:
+            for index, p in enumerate(self.phases):
                 p_gpu, p_node = gpu_totals(p, node=self.node)
                 points.append({
                     "point": p.point,
-                    "summary": summarize(p, gpus=self.gpus, limits=self.limits),
+                    "summary": self.point_summaries[index],
                     "per_gpu": p_gpu,
                     "per_node": p_node,
                     "timeseries": timeseries(p),
@@ -172,6 +185,40 @@ class RunResult:
         for index, phase in enumerate(self.phases):
             for r in phase.records:
                 yield request_row(r, origin, index if self.sweep else None)
+
+
+def sweep_headline(points: Sequence[JsonDict], summaries: Sequence[JsonDict], *, limited: bool) -> JsonDict:
+    """A sweep's top-level summary: a copy of one point's summary, named in ``sweep``, with
+    totals that are sums over every point.
+
+    The chosen point is the highest output tokens/s among points that meet the limits
+    (``meets_limits``); with limits that no point meets, or without limits, the highest output
+    tokens/s among complete points (``no_point_meets_limits``, ``no_limits``)."""
+    indexed = list(enumerate(summaries))
+    valid = [(i, s) for i, s in indexed if s.get("valid") is True] if limited else []
+    complete = [(i, s) for i, s in indexed if s.get("complete")] or indexed
+    pool, chosen_by = (valid, "meets_limits") if valid else (
+        complete, "no_point_meets_limits" if limited else "no_limits")
+    index, best = max(pool, key=lambda item: (item[1].get("output_tokens_per_s") or 0.0, -item[0]))
+    energies = [s.get("energy_j") for s in summaries]
+    summary = dict(best)
+    summary["sweep"] = {
+        "points": len(summaries),
+        "point_index": index,
+        "point": dict(points[index]),
+        "chosen_by": chosen_by,
+        # Sums only: a count or an amount adds up across load levels, a rate does not.
+        "totals": {
+            "requests_completed": sum(int(s.get("requests_completed") or 0) for s in summaries),
+            "requests_failed": sum(int(s.get("requests_failed") or 0) for s in summaries),
+            "input_tokens": sum(int(s.get("input_tokens") or 0) for s in summaries),
+            "output_tokens": sum(int(s.get("output_tokens") or 0) for s in summaries),
+            "duration_s": math.fsum(float(s.get("duration_s") or 0.0) for s in summaries),
+            "energy_j": None if any(e is None for e in energies)
+            else math.fsum(float(e) for e in energies if e is not None),
+        },
+    }
+    return summary
 
 
 def request_row(r: RequestRecord, origin_s: float, point: int | None = None) -> JsonDict:

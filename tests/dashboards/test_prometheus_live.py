@@ -15,6 +15,8 @@ production 1 m windows and 5 m ``for:`` ride them out.) The test checks that
   energy counters (raw samples of the rule's own window), within 2 %;
 - a power cap injected on one node through its control API (POST /v1/faults) makes the
   straggler alert fire (and the power-throttle alert);
+- a degraded NVLink injected on one GPU of that node fires the NVLink-errors alert for that GPU
+  only, through the error types the real sources export;
 - every query of every dashboard panel, template variables set to real values, returns data.
 
 The inference-server panels read what an agent scrapes from a server's own metrics page: one
@@ -353,3 +355,31 @@ def test_every_dashboard_query_returns_data(rack: Rack) -> None:
             rack.query_range(gj.substitute(annotations["Run ended"], values), rack.started_at, end, step="15s")
     assert checked > 60
     assert empty == [], "panels without data:\n" + "\n".join(empty)
+
+
+NVLINK_GPU = "2"  # the GPU of FAULTY_NODE whose NVLink is degraded last, by the test below
+
+
+def test_a_degraded_nvlink_fires_the_nvlink_alert_for_that_gpu_only(rack: Rack) -> None:
+    # On the node already capped, so the slower links make no new straggler elsewhere.
+    faulty = rack.agents[FAULTY_NODE]
+    answer = rack.client.post(f"http://127.0.0.1:{faulty.api_port}/v1/faults",
+                              json={"fault": "nvlink-degraded", "gpu": int(NVLINK_GPU)})
+    assert answer.status_code == 200, answer.text
+
+    def nvlink_alerts() -> list[dict[str, str]]:
+        return [a["labels"] for a in rack.alerts("firing") if a["labels"]["alertname"] == "RackscopeNvlinkErrors"]
+
+    firing = wait_for("RackscopeNvlinkErrors firing", nvlink_alerts, timeout_s=30)
+    assert firing == [{"alertname": "RackscopeNvlinkErrors", "rack": RACK, "node": FAULTY_NODE, "gpu": NVLINK_GPU,
+                       "severity": "warning"}]
+    # The error types the simulated fault raises are those the real sources export (recovery, the
+    # rarest, may take a few seconds to show an increase).
+    def growing() -> list[dict[str, Any]]:
+        return rack.query(f"increase({names.ERRORS}{{{names.NVLINK_ERRORS}}}[10s]) > 0")
+
+    wait_for("every NVLink error type growing",
+             lambda: {s["metric"][names.ERROR_TYPE] for s in growing()} == {"nvlink_crc", "nvlink_replay",
+                                                                           "nvlink_recovery"},
+             timeout_s=20)
+    assert {(s["metric"]["node"], s["metric"]["gpu"]) for s in growing()} == {(FAULTY_NODE, NVLINK_GPU)}

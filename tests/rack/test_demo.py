@@ -3,11 +3,20 @@ state, and the whole demo in ``--json`` mode against the GPU profile's figures."
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import logging
+import os
+import pty
+import re
+import select
 import shutil
+import struct
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +25,16 @@ import yaml
 from rich.console import Console
 
 from rackscope.errors import ConfigError
-from rackscope.rack.demo import DemoOptions, NodeFault, node_names, resolve_node, scrape_config
+from rackscope.rack.demo import (
+    ENGINE_LOGGER,
+    DemoOptions,
+    NodeFault,
+    engine_lines_grouped,
+    logs_through,
+    node_names,
+    resolve_node,
+    scrape_config,
+)
 from rackscope.rack.demo_view import REFERENCE_TOKENS_PER_S, NodeLive, RackLive, final_state, render, summary_text
 from rackscope.simgpu import profile
 
@@ -257,3 +275,149 @@ def test_demo_rejects_bad_flags() -> None:
     assert res.returncode == 2
     assert "no node 'n40'" in res.stderr
     assert res.stdout == ""
+
+
+# --- log lines and the live view -------------------------------------------------------------------
+FORGED = "2026-01-01 00:00:00,000 ERROR rackscope.agent: forged"
+
+
+def test_log_lines_go_through_the_console_escaped_and_handlers_come_back() -> None:
+    console = Console(record=True, width=200, file=io.StringIO())
+    root = logging.getLogger()
+    before = root.handlers[:]
+    with logs_through(console):
+        logging.getLogger("rackscope.test").warning("peer said [bold]hi[/bold]\n%s", FORGED)
+    assert root.handlers == before
+    lines = console.export_text().splitlines()
+    assert len(lines) == 1  # the newline is escaped, not a second (forged) line
+    assert lines[0].endswith(r"WARNING rackscope.test: peer said [bold]hi[/bold]\n" + FORGED)
+
+
+def test_identical_engine_lines_become_one_and_differences_stay(caplog: pytest.LogCaptureFixture) -> None:
+    engine = logging.getLogger(ENGINE_LOGGER)
+    fmt = "simulated engine %s on %d x %s"
+    with caplog.at_level(logging.INFO, logger=ENGINE_LOGGER), engine_lines_grouped(3):
+        engine.info(fmt, "llama2-70b", 4, "NVIDIA GB300")
+        engine.info(fmt, "llama2-70b", 3, "NVIDIA GB300")  # a node with a dropped GPU, say
+        engine.info("simulated engine: failing %d requests", 2)  # other lines pass as they come
+        assert caplog.messages == ["simulated engine: failing 2 requests"]  # the rest wait for every node
+        engine.info(fmt, "llama2-70b", 4, "NVIDIA GB300")
+    assert caplog.messages == [
+        "simulated engine: failing 2 requests",
+        "simulated engine llama2-70b on 4 x NVIDIA GB300, on 2 nodes",
+        "simulated engine llama2-70b on 3 x NVIDIA GB300, on 1 node",
+    ]
+    assert engine.filters == []
+
+
+def test_engine_lines_held_for_nodes_that_never_started_are_logged_at_the_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = logging.getLogger(ENGINE_LOGGER)
+    with caplog.at_level(logging.INFO, logger=ENGINE_LOGGER), engine_lines_grouped(18):
+        for _ in range(17):
+            engine.info("simulated engine %s on %d x %s", "llama2-70b", 4, "NVIDIA GB300")
+        assert caplog.messages == []
+    assert caplog.messages == ["simulated engine llama2-70b on 4 x NVIDIA GB300, on 17 nodes"]
+
+
+_TERMINAL_CODE = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])|[\s\S]")
+
+
+def _screen(raw: str) -> list[str]:
+    """What a terminal (no line wrapping, endless scrollback) shows after ``raw``: enough of one
+    for rich's live view, which moves up (``ESC[nA``) and clears lines (``ESC[2K``) to redraw."""
+    lines: list[list[str]] = [[]]
+    row = col = 0
+    for m in _TERMINAL_CODE.finditer(raw):
+        text, params, final = m.group(), m.group(1), m.group(2)
+        if final == "A":
+            row = max(0, row - int(params or 1))
+        elif final == "K":
+            del lines[row][0 if params == "2" else col :]
+        elif final is not None or (text < " " and text not in "\r\n"):
+            continue  # colours, cursor visibility, bells
+        elif text == "\r":
+            col = 0
+        elif text == "\n":
+            row += 1
+            lines.extend([] for _ in range(row + 1 - len(lines)))
+        else:
+            line = lines[row]
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = text
+            col += 1
+    return ["".join(line).rstrip() for line in lines]
+
+
+def test_screen_follows_cursor_moves() -> None:
+    assert _screen("a\r\nb\r\nc\r\x1b[2K\x1b[1A\x1b[2K\x1b[1A\x1b[2Kx\r\ny\r\n") == ["x", "y", ""]
+
+
+def _demo_on_terminal(*args: str, cols: int = 220, rows: int = 60, timeout: float = 150.0) -> tuple[int, str]:
+    """Runs the demo with a pseudo-terminal as its stdin, stdout and stderr; returns its exit
+    code and everything it wrote there."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR", "TERM")}
+    env["TERM"] = "xterm-256color"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rackscope", "demo", *args], stdin=slave, stdout=slave, stderr=slave, env=env
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"the demo wrote nothing for {timeout:g} s"
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the demo closed its end of the terminal (it has exited)
+                break
+            if not data:
+                break
+            chunks.append(data)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, b"".join(chunks).decode("utf-8", "replace")
+
+
+def _number(pattern: str, line: str) -> float:
+    m = re.search(pattern, line)
+    assert m is not None, f"{pattern!r} not in {line!r}"
+    return float(m.group(1).replace(",", ""))
+
+
+@pytest.mark.slow
+def test_demo_view_on_a_terminal() -> None:
+    code, raw = _demo_on_terminal("--nodes", "2", "--gpus-per-node", "1", "--duration", "3")
+    screen = _screen(raw)
+    shown = "\n".join(screen)
+    assert code == 0, shown[-3000:]
+    assert raw.count("rackscope demo") > 3  # the view was redrawn, many times over
+    headers = [i for i, line in enumerate(screen) if "╭" in line and "rackscope demo" in line]
+    # Log lines written while the view was up left no frame behind them: one frame on screen.
+    assert len(headers) == 1, shown
+    frame_at = headers[0]
+    during = [i for i, line in enumerate(screen) if "rackscope.rack.coordinator: starting run" in line]
+    assert len(during) == 1, shown  # logged once the view was up, shown once, above the frame
+    assert raw.index("rackscope demo") < raw.index("starting run")
+    assert during[0] < frame_at
+    engine = [line for line in screen if "simulated engine" in line]
+    assert len(engine) == 1, shown
+    assert engine[0].endswith(", on 2 nodes")
+    assert "on 1 x NVIDIA GB300" in engine[0]
+    # The last frame shows the rack record's figures, not engines that have stopped.
+    frame = screen[frame_at:]
+    assert any("done: measured" in line for line in frame), shown
+    rate_line = next(line for line in frame if line.startswith("│ tokens/s"))
+    shown_rate = _number(r"([\d,]+)\s+\(\s*[\d.]+% of", rate_line)
+    summary_rate = _number(r"output tokens/s\s+([\d,]+)", next(x for x in frame if "output tokens/s" in x))
+    assert shown_rate > 0
+    assert shown_rate == summary_rate
+    assert shown_rate == pytest.approx(_expected(2, 1), rel=0.10)

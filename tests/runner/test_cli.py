@@ -21,6 +21,7 @@ from rackscope.cli import build_parser
 from rackscope.errors import ConfigError
 from rackscope.runner.cli import config_from_args, parse_seconds, parse_warmup
 from rackscope.runner.results.io import load_requests, load_run
+from rackscope.simgpu import profile
 from tests.helpers import free_port, wait_for
 
 RACKSCOPE = [sys.executable, "-m", "rackscope"]
@@ -521,3 +522,74 @@ def test_sigint_during_an_http_run_cancels_in_flight_requests(tmp_path: Path, se
 
     assert running()
     wait_for("the server to see every request of the run end", lambda: all(v == 0 for v in running()), timeout_s=10)
+
+
+@pytest.mark.slow
+def test_sweep_prints_a_row_per_point_and_a_named_headline(tmp_path: Path) -> None:
+    done = rackscope("run", "--engine", "sim", "--gpu-model", "gb300", "--gpus", "1", "--scenario", "sweep",
+                     "--sweep", "2,8,32", "--duration", "3", "--warmup", "0", "--virtual-clock",
+                     "--output", "sweep.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = load_run(tmp_path / "sweep.json")
+    points = [p["summary"] for p in record["points"]]
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("concurrency ")]
+    assert [r[1] for r in rows] == ["2", "8", "32"]
+    for row, p in zip(rows, points, strict=True):
+        assert row[2] == f"{p['output_tokens_per_s']:,.1f}"
+        assert row[3] == f"{p['output_tokens_per_j']:.3f}"
+        assert row[4:8] == [f"{p[k]['p' + q] * 1e3:,.1f}" for k in ("ttft_s", "tpot_s") for q in ("50", "99")]
+        assert row[8:] == ["-", "(no", "limits)"]
+    # The top level is the fastest point itself, not an average over the three.
+    rates = [p["output_tokens_per_s"] for p in points]
+    s = record["summary"]
+    assert rates == sorted(rates) and s["output_tokens_per_s"] == rates[-1]
+    assert s["ttft_s"] == points[-1]["ttft_s"]
+    assert s["sweep"]["point"] == {"concurrency": 32} and s["sweep"]["chosen_by"] == "no_limits"
+    assert s["sweep"]["totals"]["output_tokens"] == sum(p["output_tokens"] for p in points)
+    assert "the figures above are point concurrency 32 (no limits set" in done.stdout
+
+
+@pytest.mark.slow
+def test_rate_sweep_rows_say_which_points_meet_the_limits(tmp_path: Path) -> None:
+    done = rackscope("run", "--engine", "sim", "--gpu-model", "gb300", "--gpus", "1", "--scenario", "sweep",
+                     "--sweep-over", "rate", "--sweep", "2,4", "--duration", "4", "--warmup", "0",
+                     "--virtual-clock", "--output", "rate.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    points = [p["summary"] for p in load_run(tmp_path / "rate.json")["points"]]
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("rate ")]
+    assert [r[-1] for r in rows] == [{True: "yes", False: "no"}[p["valid"]] for p in points]
+
+
+def documented_sim_example() -> list[str]:
+    """The sim example of ``rackscope run --help``, flags only, as a user would paste it."""
+    done = rackscope("run", "--help", cwd=Path.cwd(), env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"rackscope run (--engine sim .*?--output \S+)", done.stdout.replace("\\\n", " "), re.S)
+    assert found is not None, done.stdout
+    return found.group(1).split()
+
+
+@pytest.mark.slow
+def test_documented_sim_example_reports_what_the_profile_publishes(tmp_path: Path) -> None:
+    argv = documented_sim_example()
+    flags = parse(*argv)
+    expected = profile(flags.gpu_model).llama2_70b_tokens_per_s * flags.gpus
+    # Virtual time runs the same simulation as the wall clock, in a moment.
+    done = rackscope("run", *argv, "--virtual-clock", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    s = load_run(tmp_path / flags.output)["summary"]
+    assert s["complete"] is True
+    assert s["output_tokens_per_s"] == pytest.approx(expected, rel=0.05)
+    # The README shows the same command.
+    readme = (Path(__file__).parents[2] / "README.md").read_text().replace("\\\n", " ")
+    assert " ".join(["rackscope run", *argv]) in " ".join(readme.split())
+
+
+@pytest.mark.slow
+def test_an_explicit_warmup_wins_over_the_automatic_one(tmp_path: Path) -> None:
+    argv = documented_sim_example()
+    done = rackscope("run", *argv, "--warmup", "3s", "--virtual-clock", "--output", "w.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = load_run(tmp_path / "w.json")
+    assert (record["config"]["warmup_s"], record["config"]["warmup_auto"]) == (3.0, False)
+    assert record["summary"]["duration_s"] == pytest.approx(parse(*argv).duration_s)

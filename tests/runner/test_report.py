@@ -161,3 +161,64 @@ def test_bad_or_missing_record_exits_2(
     assert message in err
     assert err.startswith("rackscope report: error:")
     assert not (tmp_path / "out").exists()
+
+
+# --- sweeps ---------------------------------------------------------------------------------------
+SWEEP_PLOTS = ("sweep_throughput.png", "sweep_latency_frontier.png", "sweep_tokens_per_joule.png")
+
+
+def _sweep(folder: Path, name: str, gpu_model: str) -> Path:
+    res = subprocess.run(
+        [sys.executable, "-m", "rackscope", "run", "--engine", "sim", "--gpu-model", gpu_model, "--gpus", "1",
+         "--scenario", "sweep", "--sweep", "2,8,32", "--duration", "8", "--warmup", "0", "--virtual-clock",
+         "--output", str(folder / name)],
+        check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    return folder / name
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.mark.slow
+def test_sweep_report_plots_against_load_and_a_row_per_point(tmp_path: Path) -> None:
+    run = _sweep(tmp_path, "sweep.json", "gb300")
+    files = write_report(run, tmp_path / "r")
+    assert [f.name for f in files][-4:] == [*SWEEP_PLOTS, "report.md"]
+    for name in SWEEP_PLOTS:
+        width, height = _png_size(tmp_path / "r" / name)
+        assert 1_000 <= width <= 1_400 and 450 <= height <= 650  # an 11 x 5 in figure at 110 dpi
+        assert (tmp_path / "r" / name).stat().st_size > 20_000
+    md = (tmp_path / "r" / "report.md").read_text()
+    record = json.loads(run.read_text())
+    rows = [line for line in md.splitlines() if line.startswith("| sweep | concurrency ")]
+    assert [r.split(" | ")[1] for r in rows] == ["concurrency 2", "concurrency 8", "concurrency 32"]
+    for row, p in zip(rows, record["points"], strict=True):
+        cells = row.split(" | ")
+        assert cells[2] == f"{p['summary']['output_tokens_per_s']:,.1f}"
+        assert cells[5] == f"{p['summary']['ttft_s']['p99'] * 1e3:,.1f}"
+    assert "| figures below are of point | concurrency 32 (no limits: highest output tokens/s) |" in md
+
+
+@pytest.mark.slow
+def test_two_records_on_one_chart(tmp_path: Path) -> None:
+    before = _sweep(tmp_path, "h100.json", "h100")
+    after = _sweep(tmp_path, "gb300.json", "gb300")
+    res = subprocess.run([sys.executable, "-m", "rackscope", "report", str(before), str(after)], check=False,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "h100-vs-gb300-report"
+    assert res.stdout.split() == [str(out / n) for n in (*SWEEP_PLOTS, "report.md")]
+    for name in SWEEP_PLOTS:
+        _png_size(out / name)
+    md = (out / "report.md").read_text()
+    assert [line.split(" | ")[0] for line in md.splitlines() if " | concurrency " in line] == (
+        ["| h100"] * 3 + ["| gb300"] * 3)
+    # The two lines differ: gb300 is faster than h100 at every concurrency.
+    rates = {name: [p["summary"]["output_tokens_per_s"] for p in json.loads((tmp_path / f"{name}.json").read_text())
+                    ["points"]] for name in ("h100", "gb300")}
+    assert all(g > h for g, h in zip(rates["gb300"], rates["h100"], strict=True))

@@ -290,9 +290,35 @@ def test_sweep_record_has_one_point_each(tmp_path: Path) -> None:
     record = load_run(write_run(result, tmp_path / "sweep.json"))
     assert [p["point"] for p in record["points"]] == [{"concurrency": 1}, {"concurrency": 8}]
     assert [p["summary"]["output_tokens_per_s"] for p in record["points"]] == [10.0, 40.0]
-    assert record["summary"]["output_tokens"] == 50
+    # The headline is one point (no limits: the fastest), not the two averaged; sums are totals.
+    assert record["summary"]["output_tokens_per_s"] == 40.0
+    assert record["summary"]["output_tokens"] == 40
+    assert record["summary"]["sweep"] == {
+        "points": 2, "point_index": 1, "point": {"concurrency": 8}, "chosen_by": "no_limits",
+        "totals": {"requests_completed": 3, "requests_failed": 0, "input_tokens": 30, "output_tokens": 50,
+                   "duration_s": 2.0, "energy_j": None},
+    }
     rows = list(load_requests(tmp_path / "sweep.requests.jsonl"))
     assert [r["point"] for r in rows] == [0, 1, 1]
+
+
+def test_sweep_headline_is_the_fastest_point_meeting_the_limits(tmp_path: Path) -> None:
+    slow = Phase([ok("a", 0.0, 0.1, 1.0, 10)], 0.0, 1.0, point={"rate": 1.0})
+    # Faster, but its p99 TTFT (about 0.3 s) breaks the 0.15 s limit.
+    fast = Phase([ok("b", 2.0, 2.1, 3.0, 20), ok("c", 2.0, 2.3, 3.0, 20)], 2.0, 3.0, point={"rate": 4.0})
+    result = make_result()
+    result.phases, result.sweep, result.limits = [slow, fast], True, Limits(ttft_s=0.15, tpot_s=1.0)
+    record = load_run(write_run(result, tmp_path / "sweep.json"))
+    assert [p["summary"]["valid"] for p in record["points"]] == [True, False]
+    s = record["summary"]
+    assert (s["output_tokens_per_s"], s["valid"], s["ttft_s"]["p99"]) == (10.0, True, pytest.approx(0.1))
+    assert (s["sweep"]["point"], s["sweep"]["chosen_by"]) == ({"rate": 1.0}, "meets_limits")
+
+    result = make_result()
+    result.phases, result.sweep, result.limits = [slow, fast], True, Limits(ttft_s=0.05, tpot_s=1.0)
+    s = result.summary
+    assert (s["output_tokens_per_s"], s["valid"]) == (40.0, False)
+    assert (s["sweep"]["point"], s["sweep"]["chosen_by"]) == ({"rate": 4.0}, "no_point_meets_limits")
 
 
 # --- record and rows belong together -------------------------------------------------------------

@@ -14,6 +14,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from rackscope import contract
 from rackscope.clock import VirtualClock, WallClock
 from rackscope.errors import ConfigError
+from rackscope.runner import warmup
 from rackscope.runner.config import PRESETS, RunConfig
 from rackscope.runner.energy import SimEnergyMeter
 from rackscope.runner.engines.sim import SimEngine
@@ -189,7 +190,12 @@ async def test_sweep_gives_one_point_each() -> None:
     rates = [p["summary"]["output_tokens_per_s"] for p in points]
     assert rates[0] < rates[1] < rates[2]
     assert all(p["summary"]["requests_completed"] == 40 for p in points)
-    assert result.summary["requests_completed"] == 120
+    # The top-level summary is one named point (no limits: the fastest), never a mix of points;
+    # what adds up across points is in the sweep's totals.
+    assert result.summary["sweep"]["point"] == {"concurrency": 16}
+    assert result.summary["output_tokens_per_s"] == rates[2]
+    assert result.summary["requests_completed"] == 40
+    assert result.summary["sweep"]["totals"]["requests_completed"] == 120
     rate_sweep = await Sim("b200").run(scenario="sweep", sweep_over="rate", sweep="2,4", requests=30)
     rp = rate_sweep.to_record()["points"]
     assert [p["point"] for p in rp] == [{"rate": 2.0}, {"rate": 4.0}]
@@ -369,3 +375,40 @@ def test_several_worker_processes() -> None:
     assert s["itl_method"] == "token_gaps"
     with pytest.raises(ConfigError, match="requests bound"):
         run_with_workers(cfg.replace(requests=None, duration_s=1.0))
+
+
+async def test_auto_warmup_waits_for_the_generated_output_to_stop_climbing() -> None:
+    # A simulated request reports only its first token and its end: the rule must judge the
+    # tokens generated (the engine's own count here), not the first tokens of a cold start.
+    sim = Sim("gb300", 2)
+    generated: dict[float, int] = {}
+
+    def progress(p: Progress) -> None:
+        generated[sim.clock.now()] = sim.engine.stats().output_tokens
+
+    result = await sim.run(progress=progress, scenario="offline", duration_s=2.0)
+    start = result.phases[0].start_s
+    times = sorted(t for t in generated if t <= start)
+    span = warmup.AUTO_WARMUP_SPAN_S
+
+    def settled(t_end: float) -> bool:
+        def at(t: float) -> float:  # the sample nearest t (samples are about a second apart)
+            return generated[min(times, key=lambda x: abs(x - t))]
+        recent, before = at(t_end) - at(t_end - span), at(t_end - span) - at(t_end - 2 * span)
+        return 0 < recent <= before * (1.0 + warmup.AUTO_WARMUP_GROWTH)
+
+    assert times[-1] == pytest.approx(start)
+    assert settled(start)
+    # Every earlier sample with two spans behind it still saw the output climbing.
+    assert not any(settled(t) for t in times[:-1] if t - times[0] >= 2 * span)
+
+
+@pytest.mark.parametrize(("explicit", "opens_at"), [({"warmup_s": 2.5}, 2.5), ({"warmup_requests": 16}, 0.0)])
+async def test_an_explicit_warmup_wins_over_the_automatic_rule(explicit: dict[str, Any], opens_at: float) -> None:
+    auto = await Sim("gb300", 2).run(scenario="offline", duration_s=2.0)
+    assert auto.phases[0].start_s > 2 * warmup.AUTO_WARMUP_SPAN_S  # what the automatic rule would have done
+    sim = Sim("gb300", 2)
+    result = await sim.run(scenario="offline", duration_s=2.0, **explicit)  # warmup_auto stays on
+    # The loop notices the warm-up is over when it next wakes: within an engine iteration or so.
+    assert opens_at <= result.phases[0].start_s < opens_at + 0.5
+    assert result.summary["duration_s"] == pytest.approx(2.0)

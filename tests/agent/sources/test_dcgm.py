@@ -26,6 +26,7 @@ from tests.helpers import wait_for
 DATA = Path(__file__).parent / "data"
 MIB = 1024 * 1024
 WALL_S = 1_750_000_000.0
+NVLINK_UNIT = 1_024_000  # B/s per unit of DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL: (rx + tx KiB/s) / 1000
 
 
 def recording(name: str) -> str:
@@ -256,9 +257,9 @@ def test_counters_accumulate_between_scrapes(serve: Callable[..., FakeExporter],
     assert gpus[0].energy_j == pytest.approx(1234.567)
     assert gpus[1].energy_j == 0.0
     # NVLink total (MB/s, both directions) integrated over 2 s, half to each direction.
-    assert gpus[0].nvlink_tx_bytes == (152348 + 160000) // 2 * 1_000_000 // 2 * 2
+    assert gpus[0].nvlink_tx_bytes == (152348 + 160000) // 2 * NVLINK_UNIT // 2 * 2
     assert gpus[0].nvlink_rx_bytes == gpus[0].nvlink_tx_bytes
-    assert gpus[1].nvlink_tx_bytes == 149902 * 1_000_000 // 2 * 2
+    assert gpus[1].nvlink_tx_bytes == 149902 * NVLINK_UNIT // 2 * 2
     # Legacy PCIe throughput is KB/s.
     assert gpus[0].pcie_tx_bytes == (19234 + 20000) // 2 * 1024 * 2
     assert gpus[0].pcie_rx_bytes == 51210 * 1024 * 2
@@ -405,7 +406,7 @@ def test_help_and_type_lines_change_nothing(serve: Callable[..., FakeExporter]) 
         clock.advance(1.0)
         results.append((infos, source.sample()))
     assert results[0] == results[1]
-    assert results[0][1][0].nvlink_tx_bytes == 152348 * 1_000_000 // 2
+    assert results[0][1][0].nvlink_tx_bytes == 152348 * NVLINK_UNIT // 2
 
 
 def test_mig_takes_device_fields_once_and_sums_instance_memory(
@@ -461,7 +462,7 @@ def test_kubernetes_labels_and_shared_gpus_are_not_double_counted(
     assert gpus[2].memory_used_bytes == 20411 * MIB
     assert gpus[2].utilization == pytest.approx(0.37)
     assert gpus[3].power_w == pytest.approx(69.437)  # no pod at all
-    assert gpus[0].nvlink_tx_bytes == 148211 * 1_000_000 // 2
+    assert gpus[0].nvlink_tx_bytes == 148211 * NVLINK_UNIT // 2
 
 
 def test_xid_counted_once_per_change(serve: Callable[..., FakeExporter], clock: VirtualClock) -> None:
@@ -578,7 +579,7 @@ def test_exporter_dying_mid_run_marks_samples_then_recovers(
     back = by_index(source.sample())
     assert all(s.ok for s in back.values())
     assert back[0].energy_j == pytest.approx(10.0)  # the counter bridges the outage
-    assert back[1].nvlink_tx_bytes == 149902 * 1_000_000 // 2 * 3  # 3 s of a steady rate, outage included
+    assert back[1].nvlink_tx_bytes == 149902 * NVLINK_UNIT // 2 * 3  # 3 s of a steady rate, outage included
 
 
 @pytest.mark.parametrize(
@@ -774,3 +775,109 @@ def test_the_agent_source_uses_that_deadline(serve: Callable[..., FakeExporter])
     samples = source.sample()
     assert all(not s.ok and s.error and "within 0.45 s" in s.error for s in samples)
     source.close()
+
+
+# --------------------------------------------------------------------------- NVLink
+
+
+def with_link_errors(page: str, gpu: int, flit: int, data: int, replay: int, recovery: int) -> str:
+    """``page`` plus the four NVLink error totals of GPU ``gpu``, labelled like its power line."""
+    power = next(
+        line for line in page.splitlines() if line.startswith("DCGM_FI_DEV_POWER_USAGE{") and f'gpu="{gpu}"' in line
+    )
+    labels = power[power.index("{") : power.rindex("}") + 1]
+    values = {"CRC_FLIT": flit, "CRC_DATA": data, "REPLAY": replay, "RECOVERY": recovery}
+    lines = [f"DCGM_FI_DEV_NVLINK_{what}_ERROR_COUNT_TOTAL{labels} {value}" for what, value in values.items()]
+    return page + "\n".join(lines) + "\n"
+
+
+def test_nvlink_bandwidth_total_counts_1024000_bytes_per_second_per_unit(
+    serve: Callable[..., FakeExporter], clock: VirtualClock
+) -> None:
+    exporter = serve(recording("h100x4_exporter3.prom"))  # no per-direction fields: the total, split
+    source = source_for(exporter, clock)
+    source.open()
+    clock.advance(1.0)
+    gpus = by_index(source.sample())
+    # 152348 units x 1,024,000 B/s for 1 s, half to each direction.
+    assert (gpus[0].nvlink_tx_bytes, gpus[0].nvlink_rx_bytes) == (78_002_176_000, 78_002_176_000)
+
+
+def test_per_direction_fields_win_over_the_total_and_nothing_is_split(
+    serve: Callable[..., FakeExporter], clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = serve(recording("h200x8_exporter4_prof.prom"))  # sends the total too
+    source = source_for(exporter, clock)
+    source.open()
+    clock.advance(2.0)
+    gpus = by_index(source.sample())
+    assert (gpus[0].nvlink_tx_bytes, gpus[0].nvlink_rx_bytes) == (100883421107 * 2, 100893544012 * 2)
+    assert not [r for r in caplog.records if "splitting" in r.message]
+
+
+def test_nvlink_error_totals_become_counters_by_type(serve: Callable[..., FakeExporter], clock: VirtualClock) -> None:
+    page = recording("h200x8_exporter4_prof.prom")
+    exporter = serve(with_link_errors(with_link_errors(page, 0, 12, 3, 7, 1), 1, 0, 0, 0, 0))
+    source = source_for(exporter, clock)
+    source.open()
+    clock.advance(1.0)
+    gpus = by_index(source.sample())
+    # Totals since driver load, like the ECC totals; flit and data CRC errors add up.
+    assert (gpus[0].nvlink_crc_errors, gpus[0].nvlink_replay_errors, gpus[0].nvlink_recovery_errors) == (15, 7, 1)
+    assert (gpus[1].nvlink_crc_errors, gpus[1].nvlink_replay_errors, gpus[1].nvlink_recovery_errors) == (0, 0, 0)
+    assert (gpus[2].nvlink_crc_errors, gpus[2].nvlink_replay_errors, gpus[2].nvlink_recovery_errors) == (
+        None,
+        None,
+        None,
+    )
+
+    exporter.body = with_link_errors(with_link_errors(page, 0, 40, 3, 19, 2), 1, 0, 0, 0, 0)
+    clock.advance(1.0)
+    gpus = by_index(source.sample())
+    assert (gpus[0].nvlink_crc_errors, gpus[0].nvlink_replay_errors, gpus[0].nvlink_recovery_errors) == (43, 19, 2)
+    assert gpus[1].nvlink_crc_errors == 0
+
+
+def test_expected_fields_missing_from_the_page_are_named_once_with_the_counters_file(
+    serve: Callable[..., FakeExporter], clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = serve(recording("h200x8_exporter4_prof.prom"))  # everything but the NVLink error totals
+    source = source_for(exporter, clock)
+    source.open()
+    clock.advance(1.0)
+    source.sample()
+    source.open()  # reopened on the same page: still one line
+    warned = [r.getMessage() for r in caplog.records if "does not send" in r.getMessage()]
+    assert len(warned) == 1
+    missing = warned[0].split("does not send ")[1].split(";")[0].split(", ")
+    assert missing == [
+        "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",
+        "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL",
+        "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL",
+        "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
+    ]
+    assert "deploy/dcgm/rackscope-counters.csv" in warned[0]
+
+
+def test_a_page_with_every_expected_field_warns_of_nothing_missing(
+    serve: Callable[..., FakeExporter], clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    page = recording("h200x8_exporter4_prof.prom")
+    exporter = serve(with_link_errors(page, 0, 0, 0, 0, 0))  # on one GPU is enough to tell it is enabled
+    source_for(exporter, clock).open()
+    assert not [r for r in caplog.records if "does not send" in r.getMessage()]
+
+
+def test_a_default_counters_page_names_what_it_lacks(
+    serve: Callable[..., FakeExporter], clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = serve(recording("l4x2_custom_no_help.prom"))
+    source_for(exporter, clock).open()
+    (warned,) = [r.getMessage() for r in caplog.records if "does not send" in r.getMessage()]
+    for name in (
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "DCGM_FI_DEV_CLOCKS_EVENT_REASONS",
+        "DCGM_FI_PROF_NVLINK_TX_BYTES",
+    ):
+        assert name in warned
+    assert "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS" not in warned  # the older alias is not asked for separately

@@ -397,3 +397,50 @@ def test_no_gpus_is_unavailable_and_probe_says_why(standins: StandIns, tmp_path:
     assert run.out["probe"] == "NVML found no GPUs"
     assert run.out["error"]["message"].startswith("NVML found no usable GPUs")
     assert "--source sim" in run.out["error"]["hint"]
+
+
+def test_nvlink_error_totals_ride_along_with_the_throughput_call(standins: StandIns, tmp_path: Path) -> None:
+    config = {
+        "gpus": 2,
+        "gpu0.nvlink_crc_flit": 5,
+        "gpu0.nvlink_crc_data": 2,
+        "gpu0.nvlink_replay": 3,
+        "gpu0.nvlink_recovery": 1,
+        "gpu0.nvlink_error_step": 4,  # flit CRC and replay grow by 4 per field-values call
+        "gpu1.nvlink_links": 0,
+    }
+    run = run_source(standins.current, tmp_path, config, ticks=3)
+    errors = [(s["nvlink_crc_errors"], s["nvlink_replay_errors"], s["nvlink_recovery_errors"]) for s in run.ticks(0)]
+    # Totals since driver load (like ECC); CRC is flit + data.
+    assert errors == [(5 + 2 + 4 * t, 3 + 4 * t, 1) for t in (1, 2, 3)]
+    assert run.calls["gpu0.field_values"] == 1 + 3  # no extra call per tick
+    assert [s["nvlink_crc_errors"] for s in run.ticks(1)] == [None] * 3  # no links: no errors to count
+
+
+def test_nvlink_error_totals_when_throughput_is_read_link_by_link(standins: StandIns, tmp_path: Path) -> None:
+    # The all-links scope is refused, so throughput is summed over per-link scopes; the error
+    # totals (scope ignored) come in the same call.
+    config = {"gpus": 1, "gpu0.nvlink_scope": "links", "gpu0.nvlink_links": 4, "gpu0.nvlink_step_kib": 400}
+    config |= {"gpu0.nvlink_replay": 9}
+    run = run_source(standins.current, tmp_path, config, ticks=2)
+    assert [s["nvlink_tx_bytes"] for s in run.ticks(0)] == [400 * t * 1024 for t in (1, 2)]
+    assert [s["nvlink_replay_errors"] for s in run.ticks(0)] == [9, 9]
+    assert [s["nvlink_crc_errors"] for s in run.ticks(0)] == [0, 0]
+
+
+def test_memory_used_excludes_reserved_through_the_v2_query(standins: StandIns, tmp_path: Path) -> None:
+    config = {"gpus": 1, **GPU0, "gpu0.mem_reserved": 536_870_912}
+    run = run_source(standins.current, tmp_path, config, ticks=2)
+    assert run.out["gpus"][0]["memory_total_bytes"] == 85_899_345_920
+    assert [s["memory_used_bytes"] for s in run.ticks(0)] == [42_949_672_960 - 536_870_912] * 2
+    assert [s["memory_total_bytes"] for s in run.ticks(0)] == [85_899_345_920] * 2
+    assert not run.log_lines("no v2 memory query")
+
+
+def test_memory_falls_back_to_v1_on_a_driver_without_v2(standins: StandIns, tmp_path: Path) -> None:
+    config = {"gpus": 1, **GPU0, "gpu0.mem_reserved": 536_870_912}
+    run = run_source(standins.old, tmp_path, config, ticks=3)
+    assert run.out["gpus"][0]["memory_total_bytes"] == 85_899_345_920
+    assert [s["memory_used_bytes"] for s in run.ticks(0)] == [42_949_672_960] * 3  # v1: reserved counted as used
+    assert len(run.log_lines("GPU 0: no v2 memory query")) == 1  # said once, v2 not tried again
+    assert run.calls["gpu0.memory"] == 1 + 3

@@ -1,10 +1,14 @@
 """The simulated GPU source reads the shared model: load in, samples out."""
 
+import re
+
 import pytest
 
-from rackscope.agent.sources.base import GpuSource, throttle_names
+from rackscope.agent.sources.base import NVLINK_ERROR_TYPES, GpuSource, throttle_names
 from rackscope.agent.sources.sim import SimSource
+from rackscope.agent.telemetry.series import ERROR_TYPES
 from rackscope.clock import VirtualClock
+from rackscope.dashboards import names
 from rackscope.simgpu import make_node_gpus
 
 
@@ -50,3 +54,25 @@ def test_a_dropped_gpu_reports_not_ok_and_the_rest_carry_on() -> None:
 def test_a_node_needs_gpus() -> None:
     with pytest.raises(ValueError, match="at least one GPU"):
         SimSource([])
+
+
+def test_a_degraded_nvlink_counts_link_errors_and_a_healthy_one_none() -> None:
+    clock = VirtualClock()
+    gpus = make_node_gpus("h100", 2, clock)
+    source = SimSource(gpus)
+    source.open()
+    gpus[0].set_faults(nvlink_degraded=True)
+    clock.advance(10.0)
+    degraded, healthy = source.sample()
+    assert (degraded.nvlink_crc_errors, degraded.nvlink_replay_errors, degraded.nvlink_recovery_errors) == (400, 80, 5)
+    assert (healthy.nvlink_crc_errors, healthy.nvlink_replay_errors, healthy.nvlink_recovery_errors) == (0, 0, 0)
+    gpus[0].set_faults(nvlink_degraded=False)  # repaired: the counters stay where they were
+    clock.advance(10.0)
+    assert source.sample()[0].nvlink_crc_errors == 400
+
+
+def test_the_nvlink_alert_selects_exactly_the_nvlink_error_types_the_agent_exports() -> None:
+    pattern = re.fullmatch(r'\w+=~"(.*)"', names.NVLINK_ERRORS)
+    assert pattern is not None
+    selected = {t for t, _ in ERROR_TYPES if re.fullmatch(pattern.group(1), t)}
+    assert selected == {t for t, _ in NVLINK_ERROR_TYPES} == {"nvlink_crc", "nvlink_replay", "nvlink_recovery"}

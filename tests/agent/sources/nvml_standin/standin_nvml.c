@@ -14,6 +14,10 @@
  *   gpuN.nvlink_tx_kib= gpuN.nvlink_rx_kib= gpuN.nvlink_step_kib=   per field-values call
  *   gpuN.nvlink_links=4        active links (field 91); each reports 1/links of the total
  *   gpuN.nvlink_scope=aggregate|links   whether scopeId UINT_MAX (all links) is accepted
+ *   gpuN.nvlink_crc_flit= gpuN.nvlink_crc_data= gpuN.nvlink_replay= gpuN.nvlink_recovery=
+ *                              NVLink error totals (fields 38/45/52/59); flit CRC and replay
+ *   gpuN.nvlink_error_step=    grow by this per field-values call
+ *   gpuN.mem_reserved=         memory the driver reserves: in v1's used, apart in v2
  *   gpuN.gpm=1 gpuN.gpm_tx_mibs= gpuN.gpm_rx_mibs=   GPM NVLink rates in MiB/s
  *   gpuN.unsupported=energy,ecc,...   functions that return NVML_ERROR_NOT_SUPPORTED
  *   gpuN.lost_from_tick=3 gpuN.lost_until_tick=5   every call fails with GPU_IS_LOST while
@@ -26,7 +30,7 @@
  * written at nvmlShutdown to the file named by NVML_STANDIN_CALLS ("gpu0.power 5").
  *
  * Built with -DSTANDIN_OLD_DRIVER it lacks the symbols newer drivers added
- * (nvmlDeviceGetCurrentClocksEventReasons, the GPM functions).
+ * (nvmlDeviceGetCurrentClocksEventReasons, the GPM functions, nvmlDeviceGetMemoryInfo_v2).
  */
 #include <limits.h>
 #include <stdio.h>
@@ -49,6 +53,12 @@ typedef int nvmlReturn_t;
 #define FI_NVLINK_LINK_COUNT 91
 #define FI_NVLINK_DATA_TX 138
 #define FI_NVLINK_DATA_RX 139
+#define FI_NVLINK_CRC_FLIT_TOTAL 38
+#define FI_NVLINK_CRC_DATA_TOTAL 45
+#define FI_NVLINK_REPLAY_TOTAL 52
+#define FI_NVLINK_RECOVERY_TOTAL 59
+#define NVML_MEMORY_V2 0x02000028U
+#define NVML_ERROR_ARGUMENT_VERSION_MISMATCH 25
 #define GPM_NVLINK_TOTAL_RX 60
 #define GPM_NVLINK_TOTAL_TX 61
 #define EVENT_XID_CRITICAL 0x8ULL
@@ -74,6 +84,8 @@ typedef struct nvmlDevice_st {
     unsigned long long mem_total, mem_used, util_gpu, util_mem, sm_clock_mhz, temp_c;
     unsigned long long clock_reasons, ecc_corrected, ecc_uncorrected;
     unsigned long long nvlink_tx_kib, nvlink_rx_kib, nvlink_step_kib, nvlink_links;
+    unsigned long long nvlink_crc_flit, nvlink_crc_data, nvlink_replay, nvlink_recovery, nvlink_error_step;
+    unsigned long long mem_reserved;
     int nvlink_aggregate;
     int gpm;
     double gpm_tx_mibs, gpm_rx_mibs;
@@ -92,6 +104,7 @@ static int init_error;
 static int initialised; /* nvmlInit count not yet shut down */
 
 typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
+typedef struct { unsigned int version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
 typedef struct { unsigned int gpu, memory; } nvmlUtilization_t;
 typedef union {
     double dVal; unsigned int uiVal; unsigned long ulVal; unsigned long long ullVal;
@@ -140,6 +153,12 @@ static void set_gpu_key(struct nvmlDevice_st *g, const char *key, const char *va
     else if (!strcmp(key, "nvlink_rx_kib")) g->nvlink_rx_kib = n;
     else if (!strcmp(key, "nvlink_step_kib")) g->nvlink_step_kib = n;
     else if (!strcmp(key, "nvlink_links")) g->nvlink_links = n;
+    else if (!strcmp(key, "nvlink_crc_flit")) g->nvlink_crc_flit = n;
+    else if (!strcmp(key, "nvlink_crc_data")) g->nvlink_crc_data = n;
+    else if (!strcmp(key, "nvlink_replay")) g->nvlink_replay = n;
+    else if (!strcmp(key, "nvlink_recovery")) g->nvlink_recovery = n;
+    else if (!strcmp(key, "nvlink_error_step")) g->nvlink_error_step = n;
+    else if (!strcmp(key, "mem_reserved")) g->mem_reserved = n;
     else if (!strcmp(key, "nvlink_scope")) g->nvlink_aggregate = strcmp(val, "links") != 0;
     else if (!strcmp(key, "gpm")) g->gpm = (int)n;
     else if (!strcmp(key, "gpm_tx_mibs")) g->gpm_tx_mibs = strtod(val, NULL);
@@ -334,6 +353,20 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *memory) {
     return NVML_SUCCESS;
 }
 
+#ifndef STANDIN_OLD_DRIVER
+/* v2 counts the driver's reserved memory apart: used excludes it (v1's used includes it). */
+nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *memory) {
+    nvmlReturn_t r = enter(d, F_MEMORY, memory);
+    if (r) return r;
+    if (memory->version != NVML_MEMORY_V2) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    memory->total = d->mem_total;
+    memory->reserved = d->mem_reserved;
+    memory->used = d->mem_used - d->mem_reserved;
+    memory->free = d->mem_total - d->mem_used;
+    return NVML_SUCCESS;
+}
+#endif
+
 nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t d, nvmlUtilization_t *util) {
     nvmlReturn_t r = enter(d, F_UTILIZATION, util);
     if (r) return r;
@@ -397,6 +430,17 @@ nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int count, nvmlFieldValue_
             v->valueType = VALUE_TYPE_UINT;
             v->nvmlReturn = NVML_SUCCESS;
             v->value.uiVal = (unsigned int)d->nvlink_links;
+            continue;
+        }
+        unsigned long long errors = d->nvlink_error_step * k;
+        if (v->fieldId == FI_NVLINK_CRC_FLIT_TOTAL || v->fieldId == FI_NVLINK_CRC_DATA_TOTAL ||
+            v->fieldId == FI_NVLINK_REPLAY_TOTAL || v->fieldId == FI_NVLINK_RECOVERY_TOTAL) {
+            /* Totals over all links since driver load; scopeId is ignored. */
+            v->nvmlReturn = d->nvlink_links ? NVML_SUCCESS : NVML_ERROR_NOT_SUPPORTED;
+            if (v->fieldId == FI_NVLINK_CRC_FLIT_TOTAL) v->value.ullVal = d->nvlink_crc_flit + errors;
+            else if (v->fieldId == FI_NVLINK_CRC_DATA_TOTAL) v->value.ullVal = d->nvlink_crc_data;
+            else if (v->fieldId == FI_NVLINK_REPLAY_TOTAL) v->value.ullVal = d->nvlink_replay + errors;
+            else v->value.ullVal = d->nvlink_recovery;
             continue;
         }
         if (v->fieldId == FI_NVLINK_DATA_TX) total = d->nvlink_tx_kib + d->nvlink_step_kib * k;
