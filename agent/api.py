@@ -35,8 +35,8 @@ from rackscope import __version__
 from rackscope.agent.faults import FAULTS, Fault, FaultName
 from rackscope.agent.run_models import RunBody
 from rackscope.agent.settings import is_loopback
+from rackscope.contract import IDENTIFIER_PATTERN
 from rackscope.errors import ConfigError, RackscopeError, ResultError, RunConflict, RunError, RunNotFound
-from rackscope.runner.config import IDENTIFIER_PATTERN
 
 if TYPE_CHECKING:
     from rackscope.agent.node import NodeAgent

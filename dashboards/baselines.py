@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rackscope.contract import IDENTIFIER_PATTERN
 from rackscope.dashboards import names as n
 from rackscope.errors import ConfigError, ResultError
 
@@ -30,7 +31,7 @@ RUN_ID_LABEL = "baseline_run_id"
 MEASURED_AT_LABEL = "baseline_measured_at"
 PROVENANCE_LABELS = (SOURCE_LABEL, RUN_ID_LABEL, MEASURED_AT_LABEL)
 GROUP_NAME = "rackscope.baselines"
-RACK_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # the identifiers agents accept
+RACK_PATTERN = re.compile(IDENTIFIER_PATTERN)  # the identifiers agents accept
 _VECTOR = re.compile(r"^\s*vector\(\s*([0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)\s*\)\s*$")
 TOKENS_PER_S_DECIMALS = 1
 TOKENS_PER_J_DECIMALS = 4

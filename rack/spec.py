@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from rackscope.contract import IDENTIFIER_PATTERN
 from rackscope.errors import ConfigError
 from rackscope.jsontypes import JsonDict
-from rackscope.runner.config import IDENTIFIER_PATTERN, IDENTIFIER_RULE
+from rackscope.runner.config import IDENTIFIER_RULE
 from rackscope.urls import redact_url
 
 MIB = 1024 * 1024

@@ -31,6 +31,9 @@ class Kind(Enum):
 # Identity on every GPU and workload data point (not only on the resource), so the same
 # PromQL works for a direct scrape and for the collector path.
 IDENTITY = ("rack", "node")
+# What a rack, node or run id may be, wherever one is accepted (agent API, flags, baselines): safe as
+# a file name and a label value.
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 GPU_IDENTITY = ("rack", "node", "gpu")
 GPU_ATTRS = (*GPU_IDENTITY, "hw.id", "hw.type", "hw.model")
 WORKLOAD_ATTRS = (*GPU_IDENTITY, "model", "engine")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from rackscope.contract import IDENTIFIER_PATTERN
 from rackscope.errors import ConfigError
 from rackscope.runner.datasets import DISTRIBUTIONS, FILE_FORMATS, MAX_SEQUENCE_TOKENS
 from rackscope.runner.engines.registry import ENGINE_NAMES
@@ -70,7 +71,6 @@ MAX_PROMPT_TOKENS_IN_FLIGHT = 2**27
 # What an offline run keeps in flight at most without offline_inflight (see runner.scenarios).
 OFFLINE_INFLIGHT_CEILING = MAX_CONCURRENCY
 
-IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 IDENTIFIER_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 # No control characters (C0, DEL, C1): nothing that splits a log line or a header.
 TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
