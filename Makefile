@@ -1,5 +1,6 @@
 # Two commands do all set-up: `make demo` runs the simulated GB300 NVL72 rack, `make test`
-# installs everything the tests need (virtualenv, Python packages, Debian's prometheus) and runs them.
+# installs everything the tests need (virtualenv, Python packages, Debian's prometheus, Slurm and
+# munge) and runs them.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -7,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_CPU ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit install install-dev prometheus dashboards clean
+.PHONY: demo test lint typecheck unit install install-dev prometheus slurm dashboards clean
 
 $(VENV)/.core: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,6 +33,14 @@ prometheus:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
+# The rack task tests start a one-machine Slurm cluster of their own (tests/rack/slurm_cluster.py);
+# only the programs are needed, Debian's services stay off.
+slurm:
+	@command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v srun >/dev/null 2>&1 \
+	  && command -v munged >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends slurmctld slurmd munge >/dev/null; }
+
 demo: $(VENV)/.core
 	$(VENV)/bin/rackscope demo
 
@@ -39,7 +48,7 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-unit: $(VENV)/.dev prometheus
+unit: $(VENV)/.dev prometheus slurm
 	$(VENV)/bin/pytest -q
 
 test: lint unit

@@ -18,11 +18,11 @@ WORKLOADS = ("none", "offline", "server", "concurrency")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from rackscope.agent.engine_metrics.formats import FORMATS as ENGINE_METRICS_FORMATS
     from rackscope.agent.faults import FAULTS
     from rackscope.agent.settings import OTLP_PROTOCOLS, SOURCES, AgentSettings
     from rackscope.agent.sources import DCGM_DEADLINE_FRACTION
     from rackscope.cli import HelpFormatter
+    from rackscope.engine_metrics.formats import FORMATS as ENGINE_METRICS_FORMATS
     from rackscope.simgpu import PROFILES
 
     d = AgentSettings(node="<hostname>")
@@ -86,7 +86,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="URL",
         help="the inference server's own metrics page, e.g. http://127.0.0.1:8000/metrics: running and "
         "waiting requests, KV-cache usage and server-counted tokens, exported beside the GPUs' "
-        "(env RACKSCOPE_ENGINE_METRICS; default: a hosted openai run's server + /metrics, while it runs)",
+        "(env RACKSCOPE_ENGINE_METRICS; default: the origin of a hosted openai run's server + /metrics, while it runs)",
     )
     m.add_argument(
         "--engine-metrics-format",

@@ -227,11 +227,15 @@ class RunManager:
     async def _execute(self, state: RunState, config: RunConfig, dataset: Dataset | None) -> None:
         from rackscope.runner.results.io import write_run
         from rackscope.runner.runloop import run_scenario
+        from rackscope.runner.server_view import ServerWatch, end_watch, watch_run
 
         assert state.engine is not None
         engine = state.engine
+        watch: ServerWatch | None = None
         try:
             await engine.start()
+            # The record's server section: the page the operator named, else the server's own.
+            watch = await watch_run(config, engine, page=self.agent.engine_metrics.configured_url)
             if state.start_at is not None:
                 delay = state.start_at - time.time()
                 if delay > 0:
@@ -245,6 +249,10 @@ class RunManager:
                     engine, config, energy=self.agent.energy_meter(), meter=self.agent.telemetry.meter,
                     cancel=state.cancel, dataset=dataset,
                 )
+            if watch is not None:
+                ending: ServerWatch = watch
+                watch = None  # ended here: the finally below has nothing left to stop
+                await end_watch(ending, config, result)
             final = (
                 "cancelled"
                 if state.cancel.is_set()
@@ -270,6 +278,9 @@ class RunManager:
             log.error("run %s crashed: %s", state.run_id, state.error,
                       exc_info=not (config.url and has_credentials(config.url)))
         finally:
+            if watch is not None:  # the run ended early: stop reading the page, no section
+                with contextlib.suppress(Exception):
+                    await end_watch(watch, config, None)
             if state.ended_at is None:
                 state.ended_at = time.time()
             if state.reserved is not None:  # no record written: free the name it claimed

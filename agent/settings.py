@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from rackscope.agent.engine_metrics.formats import FORMATS as ENGINE_METRICS_FORMATS
 from rackscope.contract import IDENTIFIER_PATTERN
+from rackscope.engine_metrics.formats import FORMATS as ENGINE_METRICS_FORMATS
 from rackscope.errors import ConfigError
 from rackscope.runner.config import IDENTIFIER_RULE
 from rackscope.runner.datasets import DEFAULT_DATASET_MAX_BYTES

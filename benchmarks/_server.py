@@ -1,9 +1,11 @@
 """A minimal OpenAI-compatible streaming server with microsecond-controlled token timing.
 
-Made for ``loadgen.py``: it runs in its own process (pinned to its own core), polls its
-sockets in a busy loop rather than sleeping on millisecond-granular timers, and sends each
-token as its own HTTP chunk at ``first_s + k * itl_s`` after the request arrived, so a
-client's timestamps can be checked against when the bytes really left. It records the
+Made for ``loadgen.py`` and the engine's timing test: it runs in its own process (pinned to
+its own core when given one), sleeps until shortly before its next send and then polls its
+sockets in a busy loop rather than trusting millisecond-granular timers, and sends each token
+as its own HTTP chunk at ``first_s + k * itl_s`` after the request arrived, so a client's
+timestamps can be checked against when the bytes really left (a fixed schedule, such as the
+first token 80 ms after the request and then one every 8 ms, is what a client must see). It records the
 receive time of every request and the send time of every token (``time.perf_counter``,
 ``CLOCK_MONOTONIC`` on Linux, so the client process can compare) and hands them over on the
 control pipe.
@@ -11,24 +13,36 @@ control pipe.
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (always
 streamed, chunked, vLLM-shaped chunks, final ``usage`` chunk when asked, ``[DONE]``). The
 request body may carry ``ttft_ms`` and ``itl_ms`` to set one request's timing. Loopback only.
+
+Run on its own (``python _server.py --ttft-ms 80 --itl-ms 8``) it prints its port, serves
+until its standard input closes, then prints one JSON line: how late its sends were against
+the schedule (p50, p99, ms), how many it made and, per request id, when the request arrived
+and when each token left.
 """
 
 from __future__ import annotations
 
+import argparse
 import heapq
+import json
 import os
 import select
 import socket
 import struct
+import sys
+import threading
 import time
 from array import array
 from dataclasses import dataclass, field
+from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 
 import orjson
 
 _now = time.perf_counter
-SPIN_S = 0.5  # keep polling without sleeping this long after the last activity
+# Sleep in epoll until this long before the next send is due, then poll without sleeping:
+# epoll's timeout is millisecond-grained and its wake-up takes tens of microseconds.
+SPIN_AHEAD_S = 0.002
 IDLE_POLL_S = 0.05
 # Kernel receive timestamps (Linux): when a request reached the socket, however busy the
 # server was, so a client's TTFT is not charged with the server's own queueing.
@@ -253,17 +267,14 @@ class Server:
         ctrl_fd = ctrl.fileno()
         self.ep.register(ctrl_fd, select.EPOLLIN)
         heap = self.heap
-        active_s = _now()
         while True:
             now = _now()
             while heap and heap[0][0] <= now:
                 self._fire(heapq.heappop(heap)[2])
-                active_s = now
-            # Spin (never sleep in epoll, whose timeout is millisecond-grained and whose wake-up
-            # takes tens of microseconds) while there is work; sleep when idle a while.
-            ready = self.ep.poll(0.0 if now - active_s < SPIN_S else IDLE_POLL_S)
-            if ready:
-                active_s = now
+            # Sleep until shortly before the next send (new requests and data wake the poll at
+            # once; a request's arrival is its kernel receive time anyway), then spin.
+            wait_s = heap[0][0] - now - SPIN_AHEAD_S if heap else IDLE_POLL_S
+            ready = self.ep.poll(min(wait_s, IDLE_POLL_S) if wait_s > 0 else 0.0)
             # One arrival time for everything this poll returned (requests get their kernel
             # receive time instead, where the platform gives one).
             t_poll = _now()
@@ -307,3 +318,46 @@ def serve(ctrl: Connection, model: str, ttft_s: float, itl_s: float, cpu: int | 
         server.run(ctrl)
     finally:
         ctrl.send(time.process_time())
+
+
+def lateness_ms(log: dict[str, tuple[float, list[float]]], ttft_s: float, itl_s: float) -> list[float]:
+    """Every send's delay behind the fixed schedule (first token ``ttft_s`` after the request
+    arrived, then one every ``itl_s``), in ms, ascending."""
+    late = [(s - recv_s - ttft_s - k * itl_s) * 1e3 for recv_s, sends in log.values() for k, s in enumerate(sends)]
+    return sorted(late)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="an OpenAI-compatible streaming server with a fixed token schedule")
+    parser.add_argument("--model", default="bench-model")
+    parser.add_argument("--ttft-ms", type=float, default=80.0, help="first token this long after the request")
+    parser.add_argument("--itl-ms", type=float, default=8.0, help="then one token every this long")
+    args = parser.parse_args(argv)
+    server = Server(args.model, args.ttft_ms / 1e3, args.itl_ms / 1e3)
+    print(server.port, flush=True)
+    # The serving loop takes its commands from a pipe; standard input closing says "stop". The
+    # log is read on that thread too: a large one would not fit the pipe while the loop runs.
+    ctrl, ours = Pipe()
+    logs: list[dict[str, tuple[float, list[float]]]] = []
+
+    def watch_stdin() -> None:
+        sys.stdin.read()
+        ours.send("stats")
+        logs.append(ours.recv())
+        ours.send("stop")
+
+    watcher = threading.Thread(target=watch_stdin, daemon=True)
+    watcher.start()
+    server.run(ctrl)
+    watcher.join()
+    late = lateness_ms(logs[0], args.ttft_ms / 1e3, args.itl_ms / 1e3)
+
+    def pick(q: float) -> float | None:
+        return late[min(len(late) - 1, int(q * len(late)))] if late else None
+
+    summary = {"sends": len(late), "late_p50_ms": pick(0.5), "late_p99_ms": pick(0.99), "log": logs[0]}
+    print(json.dumps(summary), flush=True)
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

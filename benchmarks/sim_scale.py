@@ -14,8 +14,16 @@ Figures are printed as ratios against baselines measured in the same run (an idl
 process with the agent's imports for memory, one agent process for CPU), because this machine
 is shared and absolute timings are noisy.
 
+``--baseline-tree DIR`` measures the one-process rack of another revision of the code beside
+this one (DIR: a copy of the repository at that revision, ``git archive REV | tar -x -C DIR``):
+its rack runs from DIR's modules under this script's harness, alternating with the current
+one for ``--rounds`` rounds, and the table adds both and their ratio, also as CPU time per
+output token (a change that costs CPU but also moves more tokens is judged per token).
+``--configs`` picks which configurations to run.
+
     .venv/bin/python benchmarks/sim_scale.py                # 18 nodes x 4 GB300, 20 s windows
     .venv/bin/python benchmarks/sim_scale.py --seconds 10 --json
+    .venv/bin/python benchmarks/sim_scale.py --configs rack --baseline-tree ../old --rounds 3
 """
 
 from __future__ import annotations
@@ -71,10 +79,15 @@ def memory_bytes(pid: int) -> tuple[int, int]:
 
 # --- processes ----------------------------------------------------------------------------------------
 class Child:
-    """A child process whose stderr is drained by a thread and searched for a line."""
+    """A child process whose stderr is drained by a thread and searched for a line. ``tree``:
+    the copy of the repository its ``rackscope`` modules come from (this one by default)."""
 
-    def __init__(self, cmd: list[str], ready_prefix: str | None) -> None:
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, cmd: list[str], ready_prefix: str | None, tree: Path = REPO) -> None:
+        # PYTHONPATH first: a script's own folder, not the working directory, starts sys.path,
+        # and the editable install would otherwise resolve rackscope to this checkout.
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
         self.ready_prefix = ready_prefix
         self.ready = threading.Event()
         self.ready_line = ""
@@ -177,8 +190,10 @@ def measure(name: str, children: list[Child], nodes: int, args: argparse.Namespa
     return r
 
 
-def run_config(name: str, cmds: list[list[str]], prefix: str | None, nodes: int, args: argparse.Namespace) -> Result:
-    children = [Child(cmd, prefix) for cmd in cmds]
+def run_config(
+    name: str, cmds: list[list[str]], prefix: str | None, nodes: int, args: argparse.Namespace, tree: Path = REPO
+) -> Result:
+    children = [Child(cmd, prefix, tree) for cmd in cmds]
     try:
         return measure(name, children, nodes, args)
     finally:
@@ -231,44 +246,88 @@ def idle_child() -> None:
     signal.sigwait({signal.SIGTERM})
 
 
-# --- report -------------------------------------------------------------------------------------------------
+# --- report ---------------------------------------------------------------------------------------------------
+def us_per_token(r: Result) -> float | None:
+    """CPU microseconds per output token the rack generated (None without a token count)."""
+    return r.cpu_cores / r.tokens_per_s * 1e6 if r.tokens_per_s else None
+
+
+def mean_result(name: str, runs: list[Result]) -> Result:
+    """The rounds of one configuration as one row: CPU and tokens/s averaged over the rounds."""
+    first = runs[0]
+    r = Result(name, first.processes, first.nodes, first.gpus)
+    r.wall_s = sum(x.wall_s for x in runs)
+    r.cpu_cores = sum(x.cpu_cores * x.wall_s for x in runs) / r.wall_s
+    r.rss_bytes = max(x.rss_bytes for x in runs)
+    r.pss_bytes = max(x.pss_bytes for x in runs)
+    rates = [x.tokens_per_s for x in runs]
+    if all(rate is not None for rate in rates):
+        r.tokens_per_s = sum((x.tokens_per_s or 0.0) * x.wall_s for x in runs) / r.wall_s
+    r.expected_tokens_per_s = first.expected_tokens_per_s
+    r.notes = [f"{len(runs)} rounds: " + ", ".join(f"{x.cpu_cores:.3f}" for x in runs) + " cores"]
+    return r
+
+
 def report(results: list[Result], args: argparse.Namespace) -> str:
     by = {r.name: r for r in results}
-    idle, one = by["idle python (agent imports)"], by["1 agent process"]
-    procs, ident = by[f"{args.nodes} agent processes"], by[f"1 process, {args.nodes} identities"]
+    idle = by.get("idle python (agent imports)")
+    one = by.get("1 agent process")
+    procs = by.get(f"{args.nodes} agent processes")
+    ident = by.get(f"1 process, {args.nodes} identities")
+    base = by.get(f"baseline: 1 process, {args.nodes} identities")
     lines = [
         f"sim_scale: {args.nodes} nodes x {args.gpus_per_node} {args.gpu_model.upper()}, offline workload, "
         f"{args.seconds:g} s windows, /metrics scraped every {args.scrape_interval:g} s, {os.cpu_count()} CPUs",
         "",
-        f"{'configuration':<30} {'procs':>5} {'CPU cores':>9} {'x 1 agent':>9} {'RSS MiB':>8} {'PSS MiB':>8} "
-        f"{'PSS x idle':>10} {'real time':>9}",
+        f"{'configuration':<40} {'procs':>5} {'CPU cores':>9} {'x 1 agent':>9} {'RSS MiB':>8} {'PSS MiB':>8} "
+        f"{'PSS x idle':>10} {'real time':>9} {'CPU us/token':>12}",
     ]
     for r in results:
         rt = "-"
         if r.tokens_per_s and r.expected_tokens_per_s:
             rt = f"{r.tokens_per_s / r.expected_tokens_per_s:.1%}"
+        per_agent = f"{r.cpu_cores / one.cpu_cores:>9.2f}" if one else f"{'-':>9}"
+        per_idle = f"{r.pss_bytes / idle.pss_bytes:>10.2f}" if idle else f"{'-':>10}"
+        cost = us_per_token(r)
         lines.append(
-            f"{r.name:<30} {r.processes:>5} {r.cpu_cores:>9.3f} {r.cpu_cores / one.cpu_cores:>9.2f} "
-            f"{r.rss_bytes / MIB:>8.0f} {r.pss_bytes / MIB:>8.0f} {r.pss_bytes / idle.pss_bytes:>10.2f} {rt:>9}"
+            f"{r.name:<40} {r.processes:>5} {r.cpu_cores:>9.3f} {per_agent} "
+            f"{r.rss_bytes / MIB:>8.0f} {r.pss_bytes / MIB:>8.0f} {per_idle} {rt:>9} "
+            f"{f'{cost:.3f}' if cost is not None else '-':>12}"
         )
+        lines += [f"    {note}" for note in r.notes]
     lines += [
         "real time: the engines' output tokens/s over the window against the GPU profile (reported by the",
         "one-process rack; offline throughput swings as request waves finish, so use windows of 20 s or more)",
         "",
-        f"one process vs {args.nodes} processes: CPU x {ident.cpu_cores / procs.cpu_cores:.2f}, "
-        f"PSS x {ident.pss_bytes / procs.pss_bytes:.2f}, RSS x {ident.rss_bytes / procs.rss_bytes:.2f}",
-        f"per extra identity in one process: "
-        f"{(ident.pss_bytes - one.pss_bytes) / max(1, args.nodes - 1) / MIB:.1f} MiB "
-        f"PSS; per agent process: {procs.pss_bytes / args.nodes / MIB:.1f} MiB PSS",
-        f"goal CPU < {CPU_GOAL_CORES} core: one process {ident.cpu_cores:.3f} "
-        f"({'met' if ident.cpu_cores < CPU_GOAL_CORES else 'MISSED'}), {args.nodes} processes {procs.cpu_cores:.3f} "
-        f"({'met' if procs.cpu_cores < CPU_GOAL_CORES else 'MISSED'})",
-        f"goal RSS < 1 GiB: one process {ident.rss_bytes / GIB:.2f} GiB "
-        f"({'met' if ident.rss_bytes < MEMORY_GOAL_BYTES else 'MISSED'}), {args.nodes} processes "
-        f"{procs.rss_bytes / GIB:.2f} GiB ({'met' if procs.rss_bytes < MEMORY_GOAL_BYTES else 'MISSED'}; "
-        f"PSS {procs.pss_bytes / GIB:.2f} GiB)",
     ]
+    if ident and procs:
+        lines.append(
+            f"one process vs {args.nodes} processes: CPU x {ident.cpu_cores / procs.cpu_cores:.2f}, "
+            f"PSS x {ident.pss_bytes / procs.pss_bytes:.2f}, RSS x {ident.rss_bytes / procs.rss_bytes:.2f}"
+        )
+    if ident and one and procs:
+        extra = (ident.pss_bytes - one.pss_bytes) / max(1, args.nodes - 1)
+        lines.append(
+            f"per extra identity in one process: {extra / MIB:.1f} MiB PSS; "
+            f"per agent process: {procs.pss_bytes / args.nodes / MIB:.1f} MiB PSS"
+        )
+    if ident and base:
+        ratio = ident.cpu_cores / base.cpu_cores
+        cost, base_cost = us_per_token(ident), us_per_token(base)
+        per_token = f", CPU per token x {cost / base_cost:.3f}" if cost and base_cost else ""
+        lines.append(f"current vs baseline tree (one process): CPU x {ratio:.3f}{per_token}")
+    for label, r in (("one process", ident), (f"{args.nodes} processes", procs), ("baseline tree", base)):
+        if r is not None:
+            lines.append(f"goal CPU < {CPU_GOAL_CORES} core, {label}: {r.cpu_cores:.3f} "
+                         f"({'met' if r.cpu_cores < CPU_GOAL_CORES else 'MISSED'})")
+    for label, r in (("one process", ident), (f"{args.nodes} processes", procs)):
+        if r is not None:
+            lines.append(f"goal RSS < 1 GiB, {label}: {r.rss_bytes / GIB:.2f} GiB "
+                         f"({'met' if r.rss_bytes < MEMORY_GOAL_BYTES else 'MISSED'}; PSS {r.pss_bytes / GIB:.2f} GiB)")
     return "\n".join(lines)
+
+
+CONFIGS = ("idle", "one", "procs", "rack")
 
 
 def main() -> int:
@@ -279,6 +338,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="measured window per configuration")
     p.add_argument("--settle", type=float, default=5.0, help="seconds after start-up before measuring")
     p.add_argument("--scrape-interval", type=float, default=5.0, help="seconds between /metrics scrapes")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"comma-separated, of {', '.join(CONFIGS)} (default: all)")
+    p.add_argument("--baseline-tree", type=Path, help="a copy of another revision: its one-process rack too")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of the one-process rack (alternating with "
+                   "the baseline tree's)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON after the table")
     p.add_argument("--child", choices=("rack", "idle"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -288,15 +352,34 @@ def main() -> int:
     if args.child == "idle":
         idle_child()
         return 0
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        p.error(f"unknown configurations: {', '.join(sorted(unknown))}")
     me = [sys.executable, str(Path(__file__).resolve()), "--nodes", str(args.nodes), "--gpus-per-node",
           str(args.gpus_per_node), "--gpu-model", args.gpu_model]
-    results = [
-        run_config("idle python (agent imports)", [[*me, "--child", "idle"]], "idle ready", 0, args),
-        run_config("1 agent process", [agent_cmd("n01", args)], "rackscope agent ready", 1, args),
-        run_config(f"{args.nodes} agent processes", [agent_cmd(f"n{i:02d}", args) for i in range(1, args.nodes + 1)],
-                   "rackscope agent ready", args.nodes, args),
-        run_config(f"1 process, {args.nodes} identities", [[*me, "--child", "rack"]], "rack ready", args.nodes, args),
-    ]
+    rack_name = f"1 process, {args.nodes} identities"
+    results = []
+    if "idle" in configs:
+        results.append(run_config("idle python (agent imports)", [[*me, "--child", "idle"]], "idle ready", 0, args))
+    if "one" in configs:
+        results.append(run_config("1 agent process", [agent_cmd("n01", args)], "rackscope agent ready", 1, args))
+    if "procs" in configs:
+        results.append(run_config(
+            f"{args.nodes} agent processes", [agent_cmd(f"n{i:02d}", args) for i in range(1, args.nodes + 1)],
+            "rackscope agent ready", args.nodes, args))
+    if "rack" in configs:
+        baseline_tree = args.baseline_tree.resolve() if args.baseline_tree else None
+        current: list[Result] = []
+        baseline: list[Result] = []
+        for _ in range(max(1, args.rounds)):
+            if baseline_tree is not None:
+                baseline.append(run_config(f"baseline: {rack_name}", [[*me, "--child", "rack"]], "rack ready",
+                                           args.nodes, args, tree=baseline_tree))
+            current.append(run_config(rack_name, [[*me, "--child", "rack"]], "rack ready", args.nodes, args))
+        if baseline:
+            results.append(mean_result(f"baseline: {rack_name}", baseline) if len(baseline) > 1 else baseline[0])
+        results.append(mean_result(rack_name, current) if len(current) > 1 else current[0])
     print(report(results, args))
     if args.json:
         print(orjson.dumps([asdict(r) for r in results], option=orjson.OPT_INDENT_2).decode())

@@ -24,7 +24,7 @@ COLLECTION_DURATION = contract.COLLECTION_DURATION.prom_name
 TOKENS = contract.TOKENS.prom_name
 REQUESTS = contract.REQUESTS.prom_name
 RUN_INFO = contract.RUN_INFO.prom_name
-TTFT_BUCKET = contract.TIME_TO_FIRST_TOKEN.prom_name + "_bucket"
+TTFT_BUCKET = contract.TIME_TO_FIRST_CHUNK.prom_name + "_bucket"
 TPOT_BUCKET = contract.TIME_PER_OUTPUT_TOKEN.prom_name + "_bucket"
 DURATION_BUCKET = contract.OPERATION_DURATION.prom_name + "_bucket"
 # The inference server's own view, scraped by the agent from the server's metrics page.
@@ -46,8 +46,8 @@ ENGINE_FORMAT = "format"
 # Label values the agent writes (agent/telemetry/series.py and agent/sources/base.py).
 OUTPUT_TOKENS = f'{TOKEN_TYPE}="output"'
 XID = f'{ERROR_TYPE}="xid"'
-ECC = f'{ERROR_TYPE}=~"ecc_.*"'
-NVLINK_ERRORS = f'{ERROR_TYPE}=~"nvlink.*"'  # reserved for per-link error counters (CRC, replay, recovery)
+ECC = f'{ERROR_TYPE}=~"corrected|uncorrected"'
+NVLINK_ERRORS = 'link="nvlink"'  # NVLink's error counters (error_type crc, replay, recovery)
 POWER_THROTTLE_HW = f'{REASON}=~"hw_slowdown|hw_power_brake"'
 POWER_THROTTLE_SW = f'{REASON}="sw_power_cap"'
 THERMAL_THROTTLE = f'{REASON}=~"sw_thermal|hw_thermal"'
@@ -76,6 +76,16 @@ RECORDED = (
     GPU_TPS, NODE_TPS, RACK_TPS, RACK_NODE_MEDIAN_TPS, GPU_POWER_W, NODE_POWER_W, RACK_POWER_KW,
     NODE_TPJ, RACK_TPJ, RACK_NODE_MEDIAN_TPJ, NODE_ENGINE_TPS, NODE_ENGINE_OVER_CLIENT,
 )
+
+# --- renamed series, recorded under their old names until the next release -----------------
+HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
+# (old series, the series it is recorded from), for every renamed histogram family.
+COMPAT = tuple(
+    (old + suffix, metric.prom_name + suffix)
+    for old, metric in contract.RENAMED_HISTOGRAMS
+    for suffix in HISTOGRAM_SERIES
+)
+COMPAT_RECORDED = tuple(old for old, _ in COMPAT)
 
 # Job names whose `up` the target-down alert watches (direct agent scrape, the collector,
 # the Kubernetes ServiceMonitor all use a job starting with "rackscope").

@@ -114,8 +114,8 @@ def build() -> dict[str, Any]:
     b.row("Errors")
     b.add(p.graph_panel(), "XID, ECC and NVLink errors", p.COUNT,
           "Errors counted per interval, per GPU and type (XID, ECC corrected/uncorrected, NVLink).",
-          [Q(f"sum by (gpu, {n.ERROR_TYPE}) (increase({n.ERRORS}{{{GPU}}}[$__rate_interval]))",
-             f"GPU {{{{gpu}}}} {{{{{n.ERROR_TYPE}}}}}")], w=12, h=8)
+          [Q(f"sum by (gpu, link, {n.ERROR_TYPE}) (increase({n.ERRORS}{{{GPU}}}[$__rate_interval]))",
+             f"GPU {{{{gpu}}}} {{{{link}}}} {{{{{n.ERROR_TYPE}}}}}")], w=12, h=8)
     b.add(p.table_panel(), "Error counters", p.COUNT,
           "Cumulative error counts per GPU and type since the agent started.",
           [Q(f"{n.ERRORS}{{{GPU}}}", instant=True, table_format=True)], w=12, h=8)

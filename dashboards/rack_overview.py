@@ -146,16 +146,18 @@ def build() -> dict[str, Any]:
           w=12, h=8)
     b.add(p.graph_panel(), "GPU errors", p.COUNT,
           "XID, ECC and NVLink errors counted per interval, by type.",
-          [Q(f"sum by ({n.ERROR_TYPE}) (increase({n.ERRORS}{{{GPU}}}[$__rate_interval]))",
-             f"{{{{{n.ERROR_TYPE}}}}}")], w=12, h=8)
+          [Q(f"sum by (link, {n.ERROR_TYPE}) (increase({n.ERRORS}{{{GPU}}}[$__rate_interval]))",
+             f"{{{{link}}}} {{{{{n.ERROR_TYPE}}}}}")], w=12, h=8)
 
     b.row("Latency and requests")
     b.add(p.graph_panel(), "Time to first token", p.SECONDS,
-          "TTFT p50 and p99 over the selected nodes and models (gen_ai.server.time_to_first_token).",
+          "TTFT p50 and p99 over the selected nodes and models, as the client measured it "
+          "(gen_ai.client.operation.time_to_first_chunk).",
           quantiles(n.TTFT_BUCKET, MODEL, "TTFT"), w=8, h=8)
-    b.add(p.graph_panel(), "Inter-token latency", p.SECONDS,
-          "Time per output token after the first, p50 and p99 (gen_ai.server.time_per_output_token).",
-          quantiles(n.TPOT_BUCKET, MODEL, "ITL"), w=8, h=8)
+    b.add(p.graph_panel(), "Time per output token", p.SECONDS,
+          "Each request's mean time per output token after the first (TPOT), p50 and p99 over requests "
+          "(rackscope.time_per_output_token).",
+          quantiles(n.TPOT_BUCKET, MODEL, "TPOT"), w=8, h=8)
     b.add(p.graph_panel(), "End-to-end request latency", p.SECONDS,
           "Request duration p50 and p99 (gen_ai.client.operation.duration).",
           quantiles(n.DURATION_BUCKET, MODEL, "latency"), w=8, h=8)

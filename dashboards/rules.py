@@ -241,12 +241,22 @@ def _alert(name: str, expr: str, for_: str, severity: str, summary: str, descrip
     return rule
 
 
+def compat_rules() -> list[Rule]:
+    """Histogram series renamed after 0.1.0, recorded under their old names from the new ones,
+    so dashboards and alerts written against the old names keep working until the next
+    release (docs/dashboards.md, Migration). The copies carry the new series' labels, which
+    add gen_ai_operation_name, gen_ai_provider_name and gen_ai_request_model, and the new
+    metric's bucket boundaries (``le``)."""
+    return [{"record": old, "expr": new} for old, new in n.COMPAT]
+
+
 def rule_groups(p: RuleParams | None = None) -> dict[str, Any]:
     p = p or RuleParams()
     return {
         "groups": [
             {"name": "rackscope.recording", "rules": recording_rules(p)},
             {"name": "rackscope.alerts", "rules": alert_rules(p)},
+            {"name": "rackscope.compat", "rules": compat_rules()},
         ]
     }
 

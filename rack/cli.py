@@ -1,5 +1,6 @@
-"""``rackscope rack run`` (one synchronized run across agents) and ``rackscope demo`` (a
-simulated rack on this machine)."""
+"""``rackscope rack run`` (one synchronized run across agents), ``rack task`` and ``rack collect``
+(a rack run that a scheduler such as Slurm or Kubernetes starts, one task per node) and
+``rackscope demo`` (a simulated rack on this machine)."""
 
 from __future__ import annotations
 
@@ -133,9 +134,102 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     c.add_argument("--json", action="store_true", help="print the rack record to stdout (nothing else)")
     p.set_defaults(func=run_rack)
-
-
+    _register_task(rack_sub)
+    _register_collect(rack_sub)
     _register_demo(sub)
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    """The parser of ``rackscope run`` itself, so a rack task takes exactly its flags."""
+    from rackscope.runner import cli as runner_cli
+
+    commands = argparse.ArgumentParser(add_help=False).add_subparsers()
+    runner_cli.register(commands)
+    return commands.choices["run"]
+
+
+# How a rack task's identity flags differ from those of ``rackscope run`` (rack/identity.py).
+_TASK_IDENTITY_HELP = {
+    "rack": "rack label (default: RACKSCOPE_RACK; never guessed)",
+    "node": "node label (default: RACKSCOPE_NODE, else SLURMD_NODENAME); see --node-from",
+    "run_id": "run id, the same on every task (default: RACKSCOPE_RUN_ID, else slurm-JOBID-STEPID under srun)",
+}
+
+
+def _register_task(rack_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from rackscope.cli import HelpFormatter
+    from rackscope.rack.task import add_task_flags, run_task
+
+    p = rack_sub.add_parser(
+        "task",
+        parents=[_run_parser()],
+        add_help=False,  # the run parser's -h comes with its flags
+        help="one node's part of a rack run started by a scheduler (srun, a Kubernetes Indexed Job)",
+        formatter_class=HelpFormatter,
+        description=(
+            "Run this node's part of a rack run that a scheduler started, one task per node:\n"
+            "take the task's rank, node and run id from the scheduler (Slurm: SLURM_PROCID,\n"
+            "SLURM_NTASKS, SLURMD_NODENAME, SLURM_JOB_ID; Kubernetes: JOB_COMPLETION_INDEX) unless\n"
+            "flags or RACKSCOPE_* variables say otherwise, start the engine, wait at a start barrier\n"
+            "in the shared --results folder until every task is ready, start together, and write\n"
+            "the node's record there. Then `rackscope rack collect RESULTS` builds the rack record.\n\n"
+            "  srun rackscope rack task --results results/$SLURM_JOB_ID --rack r1 \\\n"
+            "      --engine openai --url http://127.0.0.1:8000 --scenario offline --duration 10m\n\n"
+            "Every flag of `rackscope run` is taken, except --output.\n\n"
+            "Exit status: 0 when this node's run completed, 1 when it failed or the run was called\n"
+            "off at the barrier (another task failed, or did not arrive in time), 2 on bad flags or\n"
+            "a missing identity, 130/143 after SIGINT/SIGTERM."
+        ),
+    )
+    p.set_defaults(func=run_task, rack=None)
+    # The actions are the run parser's own objects, built for this parser alone.
+    for action in p._actions:
+        if action.dest == "output":
+            action.help = argparse.SUPPRESS  # the task decides where its record goes
+        elif action.dest in _TASK_IDENTITY_HELP:
+            action.help = _TASK_IDENTITY_HELP[action.dest]
+    add_task_flags(p)
+
+
+def _register_collect(rack_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from rackscope.cli import HelpFormatter
+    from rackscope.rack.spec import DEFAULT_STRAGGLER_THRESHOLD
+
+    p = rack_sub.add_parser(
+        "collect",
+        help="build the rack record from what rack tasks left in their results folder",
+        formatter_class=HelpFormatter,
+        description=(
+            "Read what the tasks of a rack run (`rackscope rack task`) left in their shared results\n"
+            "folder, check every file as untrusted input, and write the rack record (rack.json,\n"
+            "rackscope.rack/1) and config.json into it: the bundle of `rackscope rack run`. A task\n"
+            "that left no files is marked missing, one that failed or stopped without a final\n"
+            "status failed or lost, with the reason.\n\n"
+            "Exit status: 0 when every node completed, 1 when some node failed or is missing,\n"
+            "2 when the folder holds no rack run."
+        ),
+    )
+    p.add_argument("folder", metavar="RESULTS", help="the --results folder the tasks wrote into")
+    p.add_argument("--straggler-threshold", type=float, default=DEFAULT_STRAGGLER_THRESHOLD,
+                   help="a node below this fraction of the median node is a straggler")
+    p.add_argument("--json", action="store_true", help="print the rack record to stdout (nothing else)")
+    p.set_defaults(func=collect_main)
+
+
+def collect_main(args: argparse.Namespace) -> int:
+    from rackscope.fileio import dumps
+    from rackscope.rack.collect import collect
+    from rackscope.rack.record import exit_code
+
+    record = collect(Path(args.folder), threshold=args.straggler_threshold)
+    if args.json:
+        sys.stdout.buffer.write(dumps(record))
+        sys.stdout.flush()
+    else:
+        from rackscope.rack.demo_view import summary_text
+
+        print(summary_text(record, bundle=args.folder))
+    return exit_code(record)
 
 
 def run_rack(args: argparse.Namespace) -> int:

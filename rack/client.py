@@ -87,6 +87,27 @@ def detail(payload: bytes) -> str:
     return printable(payload[: MAX_DETAIL_CHARS * 4].decode(errors="replace").strip()) or "(no body)"
 
 
+def record_problem(record: JsonDict, run_id: str, where: str) -> str | None:
+    """What is wrong with a node's run record beyond its shape (``RunRecord``): another run's
+    record, an unknown schema, a malformed rows digest, a summary without the figures a record
+    carries; None when nothing is. ``where`` names the record in the message."""
+    if record["run_id"] != run_id:
+        return f"{where}: the record is of run {printable(record['run_id'])!r}"
+    try:
+        check_schema(where, record)
+        RowsDigest.from_record(record, where)
+    except ResultError as exc:
+        return printable(str(exc))
+    summary = record["summary"]
+    missing = [key for key in REQUIRED_SUMMARY_KEYS if key not in summary]
+    if missing:
+        return f"{where}: summary lacks {', '.join(missing)}"
+    for key in LATENCY_KEYS:
+        if not isinstance(summary[key], dict):
+            return f"{where}: summary.{key} must be an object of percentiles"
+    return None
+
+
 def _json_kind(obj: Any) -> str:
     for kind, name in ((list, "array"), (str, "string"), (bool, "boolean"), (int, "number"), (float, "number")):
         if isinstance(obj, kind):
@@ -165,20 +186,9 @@ class AgentClient:
             return None
         self._gateway(call, answer)
         record = self._object(call, answer, 200, RunRecord)
-        if record["run_id"] != run_id:
-            raise BadAnswer(f"{call}: the record is of run {printable(record['run_id'])!r}")
-        try:
-            check_schema(call, record)
-            RowsDigest.from_record(record, call)
-        except ResultError as exc:
-            raise BadAnswer(printable(str(exc))) from exc
-        summary = record["summary"]
-        missing = [key for key in REQUIRED_SUMMARY_KEYS if key not in summary]
-        if missing:
-            raise BadAnswer(f"{call}: summary lacks {', '.join(missing)}")
-        for key in LATENCY_KEYS:
-            if not isinstance(summary[key], dict):
-                raise BadAnswer(f"{call}: summary.{key} must be an object of percentiles")
+        problem = record_problem(record, run_id, call)
+        if problem is not None:
+            raise BadAnswer(problem)
         return record, answer.body
 
     async def requests(self, run_id: str, target: Path, digest: RowsDigest | None) -> int | None:
@@ -298,4 +308,5 @@ class AgentClient:
         return obj
 
 
-__all__ = ["AgentClient", "AgentHung", "AgentUnreachable", "Answer", "BadAnswer", "Refusal", "detail", "printable"]
+__all__ = ["AgentClient", "AgentHung", "AgentUnreachable", "Answer", "BadAnswer", "Refusal", "detail", "printable",
+           "record_problem"]

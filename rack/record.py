@@ -27,11 +27,13 @@ SCHEMA = "rackscope.rack/1"
 # A node's status while the coordinator still works on it ...
 NODE_IN_PROGRESS = ("probing", "ready", "starting", "pending", "running")
 # ... and once it is settled: the agent's own end of the run (completed, failed, cancelled) or
-# the coordinator's verdict on a node that could not finish.
-NODE_FINAL = ("completed", "failed", "cancelled", "lost", "timeout", "rejected", "unreachable")
+# the coordinator's verdict on a node that could not finish; ``missing``: a rack task (started
+# by a scheduler, rack/collect.py) that left no files at all.
+NODE_FINAL = ("completed", "failed", "cancelled", "lost", "timeout", "rejected", "unreachable", "missing")
 RUN_FINAL = ("completed", "failed", "cancelled")  # final statuses of a run on an agent
 # ``running`` is written while nodes are out; the others are final: ``finished`` (every node
-# settled), ``interrupted`` (a signal), ``failed`` (the coordinator itself failed).
+# settled), ``interrupted`` (a signal), ``failed`` (the coordinator itself failed, or the tasks of
+# a scheduled run called it off at their start barrier).
 RECORD_STATES = ("running", "finished", "interrupted", "failed")
 
 

@@ -22,10 +22,26 @@ from rackscope.logs import formatter
 # Each package's command wiring; each exposes register(subparsers).
 COMMAND_MODULES = [
     "rackscope.agent.cli",  # agent
-    "rackscope.dashboards.cli",  # dashboards build|check|push
+    "rackscope.dashboards.cli",  # dashboards build|check|push, baseline
     "rackscope.runner.cli",  # run, compare, report, serve-sim
     "rackscope.rack.cli",  # rack run, demo
 ]
+# Which module wires each command. A command line that names one registers only that module:
+# registering the others imports what their flags are declared with (the agent's settings, the
+# rack's task schema), a few hundred milliseconds of CPU that a benchmark client would count
+# against its own start-up. A module may offer ``register_command(subparsers, name)`` to add one
+# of its commands alone.
+COMMANDS = {
+    "agent": "rackscope.agent.cli",
+    "dashboards": "rackscope.dashboards.cli",
+    "baseline": "rackscope.dashboards.cli",
+    "run": "rackscope.runner.cli",
+    "compare": "rackscope.runner.cli",
+    "report": "rackscope.runner.cli",
+    "serve-sim": "rackscope.runner.cli",
+    "rack": "rackscope.rack.cli",
+    "demo": "rackscope.rack.cli",
+}
 
 
 # 128 + SIGPIPE, what a shell reports for a writer whose reader left.
@@ -36,7 +52,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows defaults in --help and keeps description paragraphs as written."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or, given one of ``COMMANDS``, only what that command needs."""
     parser = argparse.ArgumentParser(
         prog="rackscope",
         description="Live throughput, power and tokens-per-joule telemetry for LLM inference racks.",
@@ -47,13 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if command in COMMANDS:
+        module = importlib.import_module(COMMANDS[command])
+        one = getattr(module, "register_command", None)
+        if one is not None:
+            one(sub, command)
+        else:
+            module.register(sub)
+        return parser
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
+def named_command(argv: Sequence[str]) -> str | None:
+    """The command a command line names (its first word past the top-level options), if any."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(named_command(argv))
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter())

@@ -70,24 +70,12 @@ OPERATION_DURATION_BUCKETS_S = (
     40.96,
     81.92,
 )
-TTFT_BUCKETS_S = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-)
+# gen_ai.client.operation.time_to_first_chunk: the client convention's boundaries, the same as
+# the operation duration's (the server's time_to_first_token convention starts at 1 ms and stops
+# at 10 s; an offline run's first tokens wait far longer than that in the queue).
+TIME_TO_FIRST_CHUNK_BUCKETS_S = OPERATION_DURATION_BUCKETS_S
+# rackscope.time_per_output_token: gen_ai.server.time_per_output_token's boundaries, the
+# convention closest to what it measures.
 TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 # --- GPU hardware (agent) ---------------------------------------------------------------
@@ -112,7 +100,13 @@ HW_GPU_IO = MetricDef(
     (*GPU_ATTRS, "network.io.direction", "link"),
 )
 HW_TEMPERATURE = MetricDef("hw.temperature", Kind.GAUGE, "Cel", "GPU core temperature", GPU_ATTRS)
-HW_ERRORS = MetricDef("hw.errors", Kind.COUNTER, "{error}", "GPU errors by type", (*GPU_ATTRS, "error.type"))
+HW_ERRORS = MetricDef(
+    "hw.errors",
+    Kind.COUNTER,
+    "{error}",
+    "GPU errors by type (xid, corrected, uncorrected; crc, replay, recovery on a link)",
+    (*GPU_ATTRS, "error.type", "link"),
+)
 GPU_POWER_LIMIT = MetricDef("rackscope.gpu.power.limit", Kind.GAUGE, "W", "Enforced GPU power limit", GPU_ATTRS)
 # Hz, not MHz: the collector's translator has no word for "MHz" and would name it "..._MHz".
 GPU_SM_CLOCK = MetricDef("rackscope.gpu.clock.sm", Kind.GAUGE, "Hz", "SM clock", GPU_ATTRS)
@@ -162,18 +156,75 @@ REQUESTS = MetricDef(
     "Requests finished, by outcome",
     (*WORKLOAD_ATTRS, "outcome"),
 )
+# GenAI semantic conventions (semantic-conventions-genai, status "development"): the gen_ai.*
+# metrics carry the operation (gen_ai.operation.name), who served it (gen_ai.provider.name)
+# and the model asked for (gen_ai.request.model), on top of the workload identity; model and
+# engine stay for the dashboards, the recording rules and rackscope.run.info joins.
+GENAI_ATTRS = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model")
+GENAI_WORKLOAD_ATTRS = (*WORKLOAD_ATTRS, *GENAI_ATTRS)
+# gen_ai.operation.name, from the conventions' well-known values: "chat" for the OpenAI chat
+# completions API, "text_completion" for the (legacy) completions API and for the in-process
+# engines, which continue the prompt as given, with no chat template applied.
+OPERATION_CHAT = "chat"
+OPERATION_TEXT_COMPLETION = "text_completion"
+# gen_ai.provider.name per engine. The well-known values name hosted services (openai,
+# anthropic, aws.bedrock, ...) and a custom value is allowed when none applies, which is so
+# for every engine here: a self-hosted vLLM, SGLang or trtllm-serve behind the OpenAI API is
+# not the "openai" service (that value also promises openai.* attributes these points lack),
+# and the in-process engines are the serving software itself.
+GENAI_PROVIDERS = {
+    "sim": "rackscope.sim",
+    "openai": "openai_compatible",
+    "trtllm": "tensorrt_llm",
+    "trtllm-bench": "tensorrt_llm",
+    "hf": "transformers",
+}
+
+
+def genai_operation(engine: str, api: str | None = None) -> str:
+    """gen_ai.operation.name of a run: ``api`` is the openai engine's API (``chat``/``completions``)."""
+    return OPERATION_CHAT if engine == "openai" and api == "chat" else OPERATION_TEXT_COMPLETION
+
+
+def genai_provider(engine: str) -> str:
+    """gen_ai.provider.name of an engine (an engine not listed names itself)."""
+    return GENAI_PROVIDERS.get(engine, engine)
+
+
 OPERATION_DURATION = MetricDef(
-    "gen_ai.client.operation.duration", Kind.HISTOGRAM, "s", "End-to-end request latency", WORKLOAD_ATTRS
-)
-TIME_TO_FIRST_TOKEN = MetricDef(
-    "gen_ai.server.time_to_first_token", Kind.HISTOGRAM, "s", "Time to first token", WORKLOAD_ATTRS
-)
-TIME_PER_OUTPUT_TOKEN = MetricDef(
-    "gen_ai.server.time_per_output_token",
+    "gen_ai.client.operation.duration",
     Kind.HISTOGRAM,
     "s",
-    "Time per output token after the first",
-    WORKLOAD_ATTRS,
+    "End-to-end request latency, successful requests",
+    GENAI_WORKLOAD_ATTRS,
+)
+# Measured by the client, from sending the request to the first output token arriving: the
+# conventions' client metric (a gen_ai.server.* metric is the server's own measurement).
+TIME_TO_FIRST_CHUNK = MetricDef(
+    "gen_ai.client.operation.time_to_first_chunk",
+    Kind.HISTOGRAM,
+    "s",
+    "Time from sending a request to its first output token arriving, successful requests",
+    GENAI_WORKLOAD_ATTRS,
+)
+# Not a semantic-convention metric, on purpose: the client convention,
+# gen_ai.client.operation.time_per_output_chunk, records every gap between chunks, one value
+# per chunk; this is one value per request, its mean time per output token after the first
+# ((end - first token) / (output tokens - 1), MLPerf's TPOT), which is what TPOT limits and
+# the load generators report, and it costs one observation per request instead of per chunk.
+TIME_PER_OUTPUT_TOKEN = MetricDef(
+    "rackscope.time_per_output_token",
+    Kind.HISTOGRAM,
+    "s",
+    "Mean time per output token after the first, one value per successful request (TPOT)",
+    GENAI_WORKLOAD_ATTRS,
+)
+# Prometheus histogram families renamed after 0.1.0: the old name and the metric that replaces
+# it. The rule file records each old ..._bucket, _sum and _count from the new series until the
+# next release (dashboards/rules.py, "rackscope.compat"; docs/dashboards.md, Migration).
+RENAMED_HISTOGRAMS = (
+    ("gen_ai_server_time_to_first_token_seconds", TIME_TO_FIRST_CHUNK),
+    ("gen_ai_server_time_per_output_token_seconds", TIME_PER_OUTPUT_TOKEN),
 )
 RUN_INFO = MetricDef(
     "rackscope.run.info",
@@ -215,6 +266,26 @@ ENGINE_UP = MetricDef(
     (*IDENTITY, "format"),
 )
 ENGINE_STATES = ("running", "waiting")  # values of the state attribute of rackscope.engine.requests
+# The server's own latency histograms, copied as the server counts them, with its own bucket
+# boundaries (vLLM's, SGLang's): Prometheus ..._seconds_bucket/_sum/_count. The agent exports
+# them through its pre-aggregated histogram registry (an OpenTelemetry histogram instrument can
+# only record observations, not take over a server's cumulative buckets); runs also record
+# their window percentiles (the record's server section).
+ENGINE_TIME_TO_FIRST_TOKEN = MetricDef(
+    "rackscope.engine.time_to_first_token",
+    Kind.HISTOGRAM,
+    "s",
+    "Time to first token as the inference server measured it, in its own buckets",
+    ENGINE_ATTRS,
+)
+ENGINE_INTER_TOKEN_LATENCY = MetricDef(
+    "rackscope.engine.inter_token_latency",
+    Kind.HISTOGRAM,
+    "s",
+    "Time between a request's successive output tokens as the inference server measured it, in its own buckets",
+    ENGINE_ATTRS,
+)
+ENGINE_HISTOGRAMS = (ENGINE_TIME_TO_FIRST_TOKEN, ENGINE_INTER_TOKEN_LATENCY)
 
 GPU_METRICS = (
     HW_POWER,
@@ -231,8 +302,8 @@ GPU_METRICS = (
     GPU_UP,
 )
 AGENT_METRICS = (NODE_INFO, COLLECTION_DURATION, COLLECTION_ERRORS, EXPORT_FAILURES)
-WORKLOAD_METRICS = (TOKENS, REQUESTS, OPERATION_DURATION, TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN, RUN_INFO)
-ENGINE_METRICS = (ENGINE_REQUESTS, ENGINE_KV_CACHE_USAGE, ENGINE_TOKENS, ENGINE_UP)
+WORKLOAD_METRICS = (TOKENS, REQUESTS, OPERATION_DURATION, TIME_TO_FIRST_CHUNK, TIME_PER_OUTPUT_TOKEN, RUN_INFO)
+ENGINE_METRICS = (ENGINE_REQUESTS, ENGINE_KV_CACHE_USAGE, ENGINE_TOKENS, ENGINE_UP, *ENGINE_HISTOGRAMS)
 ALL_METRICS = GPU_METRICS + AGENT_METRICS + WORKLOAD_METRICS + ENGINE_METRICS
 
 # --- the OTel -> Prometheus name translation --------------------------------------------

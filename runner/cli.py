@@ -30,6 +30,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_serve_sim(sub)
 
 
+def register_command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
+    """Only the parser of ``name`` (``rackscope.cli`` asks when the command line names it): the
+    others' flags import what ``run`` does not need (the simulated GPUs' profiles, the verdicts)."""
+    adders = {"run": _add_run, "compare": _add_compare, "report": _add_report, "serve-sim": _add_serve_sim}
+    adders[name](sub)
+
+
 # --- run ----------------------------------------------------------------------------------------
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from rackscope.cli import HelpFormatter
@@ -268,8 +275,11 @@ def run(args: argparse.Namespace) -> int:
 
             return run_bench(config, options)
         from rackscope.runner.driver import drive
+        from rackscope.runner.workers import run_client
 
-        return asyncio.run(drive(config, options))
+        # This process is the client: uvloop (a streaming client's CPU per token is mostly the
+        # event loop's) and no garbage-collector pauses under the timestamps.
+        return run_client(drive(config, options))
     except RackscopeError as exc:
         # Engines build their messages from the real URL; what is printed hides its credentials.
         exc.args = tuple(redact_in(a, config.url) if isinstance(a, str) else a for a in exc.args)

@@ -228,6 +228,19 @@ class RunConfig:
     )
     workers: int = setting(1, flag="--workers", group="engine", minimum=1, maximum=MAX_WORKERS,
                            help="client processes sharing the load (openai)")
+    # The server's own metrics page, read while the run lasts (the record's server view). Local
+    # only (remote=False): a URL from the network would let any API caller make the agent read
+    # any host and port it can reach and learn from the outcome; an agent-hosted run reads only
+    # the origin of the server it was told to load (docs/security.md).
+    engine_metrics: str | None = setting(
+        None, flag="--engine-metrics", group="engine", url=True, pattern=URL_PATTERN,
+        rule="an http:// or https:// URL (--no-engine-metrics reads none)", max_length=MAX_URL_CHARS, remote=False,
+        metavar="URL",
+        help="the server's own metrics page, read while the run lasts (openai; default: the --url server's "
+             "origin + /metrics; vLLM, SGLang and trtllm-serve pages are told apart by their content)",
+    )
+    engine_metrics_off: bool = setting(False, flag="--no-engine-metrics", group="engine", remote=False,
+                                       help="do not read the server's metrics page (openai)")
     gpu_model: str | None = setting(None, flag="--gpu-model", group="engine",
                                     help="simulated GPU model (sim; default gb300) or a label for the record")
     gpus: int | None = setting(None, flag="--gpus", group="engine", minimum=1, maximum=MAX_GPUS,
@@ -550,6 +563,10 @@ def _cross_checks(c: RunConfig) -> None:
          "length_spread for a uniform distribution must be below 1")
     if c.engine == "openai":
         need(bool(c.url), "the openai engine needs a server URL (url / --url)")
+    need(c.engine_metrics is None or c.engine == "openai", "engine_metrics (--engine-metrics) applies to the "
+                                                          "openai engine only")
+    need(c.engine_metrics is None or not c.engine_metrics_off,
+         "give engine_metrics (--engine-metrics URL) or engine_metrics_off (--no-engine-metrics), not both")
     if c.scenario == "server":
         need(c.rate is not None, "the server scenario needs a target rate (rate / --rate)")
     if c.scenario == "concurrency":

@@ -1,6 +1,8 @@
 """One ``rackscope run`` in this process: dataset, engine, metrics export, signals, scenario, record.
 
-The engine comes from the engine registry; the record and exit status from ``runner.finish``."""
+The engine comes from the engine registry; the record and exit status from ``runner.finish``;
+the server's own view of the run (an ``openai`` run's server metrics page) from
+``runner.server_view``."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import dataclasses
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
 
     from rackscope.runner.config import RunConfig
     from rackscope.runner.datasets import Dataset
+    from rackscope.runner.results.record import RunResult
 
 # OTLP export interval of a run's workload metrics.
 OTLP_EXPORT_INTERVAL_MS = 5000
@@ -82,13 +86,21 @@ def meter_provider(options: RunOptions) -> MeterProvider | None:
     return MeterProvider(metric_readers=readers, resource=Resource.create({"service.name": "rackscope-run"}))
 
 
-async def drive(config: RunConfig, options: RunOptions) -> int:
-    """Run a streaming engine through the scenario; returns the exit status."""
+# Awaited once the engine is ready, just before the workload starts (see ``drive``).
+Ready = Callable[[], Awaitable[None]]
+
+
+async def drive(config: RunConfig, options: RunOptions, *, ready: Ready | None = None) -> int:
+    """Run a streaming engine through the scenario; returns the exit status. ``ready``, when
+    given, is awaited after the engine has started and before the workload begins: a rack task
+    waits at its start barrier there, so a slow engine start does not spread the nodes' starts.
+    What it raises ends the run before it began (the engine is stopped, no record is written)."""
     from rackscope.runner.progress import terminal_progress
     from rackscope.runner.runloop import run_scenario
+    from rackscope.runner.server_view import end_watch, watch_run
 
     if config.workers > 1:
-        return await _drive_workers(config, options)
+        return await _drive_workers(config, options, ready)
     dataset = load_run_dataset(config, options)  # a bad dataset file fails before anything starts
     if options.output is not None:
         check_output(options.output)
@@ -98,9 +110,13 @@ async def drive(config: RunConfig, options: RunOptions) -> int:
     provider = meter_provider(options)
     if engine.model and engine.model != config.model:
         config = dataclasses.replace(config, model=engine.model)
+    watch = await watch_run(config, engine)
     progress = terminal_progress(sys.stderr)
     cancel = asyncio.Event()
+    result: RunResult | None = None
     try:
+        if ready is not None:
+            await ready()
         with Signals(cancel) as signals:
             result = await run_scenario(
                 engine, config, clock=built.clock, energy=built.energy,
@@ -110,15 +126,20 @@ async def drive(config: RunConfig, options: RunOptions) -> int:
     finally:
         if progress is not None:
             progress.close()
+        if watch is not None:
+            await end_watch(watch, config, result)
         await engine.stop()
         if provider is not None:
             provider.shutdown()
+    assert result is not None  # run_scenario returned (a stopped run returns a partial result)
     return await finish_run(result, options.output, signals.received)
 
 
-async def _drive_workers(config: RunConfig, options: RunOptions) -> int:
+async def _drive_workers(config: RunConfig, options: RunOptions, ready: Ready | None = None) -> int:
     """The engine over several client processes (``runner.multiprocess``)."""
     from rackscope.runner.multiprocess import run_with_workers
+    from rackscope.runner.progress import terminal_progress
+    from rackscope.runner.server_view import end_watch, watch_run
 
     dataset = load_run_dataset(config, options)
     if options.output is not None:
@@ -129,15 +150,27 @@ async def _drive_workers(config: RunConfig, options: RunOptions) -> int:
         config = dataclasses.replace(config, model=built.engine.model)
     await built.engine.stop()
     provider = meter_provider(options)
+    # The workers' arrival times are on the same monotonic clock as this process's engine.
+    watch = await watch_run(config, built.engine)
     stop = threading.Event()
     cancel = asyncio.Event()
+    progress = terminal_progress(sys.stderr)
+    result: RunResult | None = None
     try:
+        if ready is not None:
+            await ready()
         with Signals(cancel, also=stop) as signals:
             result = await asyncio.to_thread(
                 run_with_workers, config, stop=stop, dataset=dataset,
                 meter=provider.get_meter("rackscope.runner") if provider is not None else None,
+                progress=progress,
             )
     finally:
+        if progress is not None:
+            progress.close()
+        if watch is not None:
+            await end_watch(watch, config, result)
         if provider is not None:
             provider.shutdown()
+    assert result is not None  # run_with_workers returned
     return await finish_run(result, options.output, signals.received)

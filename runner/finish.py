@@ -88,7 +88,16 @@ def format_summary(result: RunResult) -> str:
         )
     if result.sweep and result.point_summaries:
         lines += _sweep_lines(result)
+    lines += server_lines(result.server)
     return "\n".join(lines)
+
+
+def server_lines(section: Any) -> list[str]:
+    """The server's own view of the run (its metrics page), when the run read it."""
+    from rackscope.runner.server_view import describe
+
+    described = describe(section)
+    return [f"  {'server view' if i == 0 else '':<16} {line}" for i, line in enumerate(described)]
 
 
 _CHOSEN_BY = {

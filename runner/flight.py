@@ -66,6 +66,8 @@ class Flight:
             assert isinstance(ev, FirstToken)
             rec.first_token_s = ev.t
             rec.output_tokens = ev.count
+            if ev.gpu is not None:
+                rec.gpu = ev.gpu
             self.run.tokens_received += ev.count
             if ev.count > 1 and self.run.keep_gaps:
                 rec.itl_s = [0.0] * (ev.count - 1)
@@ -79,7 +81,8 @@ class Flight:
             self.run.tokens_received += max(0, ev.output_tokens - rec.output_tokens)
             rec.output_tokens = ev.output_tokens
             rec.output_tokens_method = ev.output_tokens_method
-            rec.gpu = ev.gpu
+            if ev.gpu is not None:
+                rec.gpu = ev.gpu
             if rec.first_token_s is None:  # an engine that sends everything at the end
                 rec.first_token_s = ev.t
             self.run.finish(self)
@@ -107,8 +110,10 @@ class Flight:
         rec.end_s = t
         rec.error_type = CANCELLED
         rec.error = why
-        self.run.finish(self)
         if self.cancel_fn is not None:
+            # Withdrawn first: the engine's live token count drops the request before its
+            # tokens are recorded, so a collector in between never counts them twice.
             self.cancel_fn()
+        self.run.finish(self)
         if self.task is not None:
             self.task.cancel()

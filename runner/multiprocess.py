@@ -1,7 +1,12 @@
 """A scenario over several client processes (``rackscope run --workers``).
 
 For loads one process cannot stream: each phase is a fixed list of requests shared out by
-``runner.workers``."""
+``runner.workers``. The parent's telemetry follows the run as it goes, not at the end of each
+phase: finished records are recorded as the workers send them (every
+``runner.workers.FLUSH_INTERVAL_S``), and the output tokens of requests still in flight reach
+``rackscope.tokens`` through a live source that reads the workers' shared-memory counters, so the
+exported counter is at most a fraction of a second behind the tokens received. A ``progress``
+callback gets the same figures about once a second."""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ import dataclasses
 import random
 import threading
 import uuid
+from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 from opentelemetry.metrics import Meter
 
@@ -18,11 +25,15 @@ from rackscope.runner.config import RunConfig
 from rackscope.runner.datasets import Dataset
 from rackscope.runner.engines.registry import worker_engine
 from rackscope.runner.outcome import build_result
+from rackscope.runner.progress import Progress, ProgressCallback
 from rackscope.runner.records import CANCELLED, RequestRecord
 from rackscope.runner.results.record import RunResult, now_utc
 from rackscope.runner.results.window import Phase
 from rackscope.runner.scenarios import DEFAULT_OFFLINE_INFLIGHT, PhaseSpec, make_dataset, phase_specs
 from rackscope.runner.telemetry import WorkloadTelemetry
+
+if TYPE_CHECKING:
+    from rackscope.runner.workers import WorkerProgress
 
 
 def run_with_workers(
@@ -31,6 +42,7 @@ def run_with_workers(
     stop: threading.Event | None = None,
     dataset: Dataset | None = None,
     meter: Meter | None = None,
+    progress: ProgressCallback | None = None,
 ) -> RunResult:
     """Run the scenario over ``config.workers`` client processes (``runner.workers``), for
     loads one process cannot stream. Blocking: call it in a thread from async code.
@@ -38,9 +50,10 @@ def run_with_workers(
     Each phase is a fixed list of requests (``requests``, after ``warmup_requests``), so a
     requests bound is required; ``duration_s`` caps each phase (requests still in flight at
     that moment are stopped without their partial tokens, and the window ends there).
-    Energy is not read on this path.
+    Energy is not read on this path. ``progress`` gets a ``Progress`` about once a second
+    (its counts cover the whole phase, warm-up requests included).
     """
-    from rackscope.runner.workers import run_workers
+    from rackscope.runner.workers import LiveTokens, run_workers
 
     config = config.validate()
     if config.engine != "openai":
@@ -56,12 +69,19 @@ def run_with_workers(
     # Built in each worker process from the settings, by the same registration as everywhere.
     factory = partial(worker_engine, config)
     telemetry = WorkloadTelemetry(meter, rack=config.rack, node=config.node, model=config.model,
-                                  engine=config.engine)
+                                  engine=config.engine, api=config.api)
     stop = stop if stop is not None else threading.Event()
     started_at = now_utc()
     phases: list[Phase] = []
     index = 0
     telemetry.run_started(config.run_id or "", config.scenario)
+    live = LiveTokens()
+    stop_live = telemetry.add_live_source(lambda: {None: live.output_tokens()})
+
+    def record_all(records: list[RequestRecord]) -> None:
+        for rec in records:
+            telemetry.record(rec)
+
     try:
         for i, spec in enumerate(phase_specs(config)):
             n_measured = config.requests or len(dataset)
@@ -89,15 +109,15 @@ def run_with_workers(
                 timer = threading.Timer(config.duration_s, expire)
                 timer.daemon = True
                 timer.start()
+            on_progress = _progress_reporter(progress, spec.label) if progress is not None else None
             try:
                 run = run_workers(
-                    requests, factory, config.workers, concurrency=concurrency, arrivals_s=arrivals, stop=stop
+                    requests, factory, config.workers, concurrency=concurrency, arrivals_s=arrivals, stop=stop,
+                    live=live, on_records=record_all, on_progress=on_progress,
                 )
             finally:
                 if timer is not None:
                     timer.cancel()
-            for rec in run.records:
-                telemetry.record(rec)
             warm_ids = {r.request_id for r in requests[:n_warm]}
             phase = phase_from_records(run.records, warm_ids, run.start_s, run.end_s, spec)
             if timed_out.is_set():
@@ -112,11 +132,28 @@ def run_with_workers(
             if not phase.complete:
                 break
     finally:
+        stop_live()
         telemetry.run_ended()
     return build_result(
         config, phases, engine=config.engine, model=config.model, dataset=dataset, started_at=started_at,
         gpu_models=[config.gpu_model] if config.gpu_model else [], gpus=config.gpus,
     )
+
+
+def _progress_reporter(progress: ProgressCallback, label: str) -> Callable[[WorkerProgress], None]:
+    """Turns ``run_workers``' progress into ``Progress`` (the rate over the last report)."""
+    last = [0.0, 0]
+
+    def report(p: WorkerProgress) -> None:
+        dt = p.elapsed_s - last[0]
+        rate = (p.output_tokens - last[1]) / dt if dt > 0 else 0.0
+        last[:] = [p.elapsed_s, p.output_tokens]
+        progress(Progress(
+            elapsed_s=p.elapsed_s, requests_done=p.requests_done, requests_failed=p.requests_failed,
+            in_flight=p.in_flight, output_tokens=p.output_tokens, output_tokens_per_s=rate, phase=label,
+        ))
+
+    return report
 
 
 def phase_from_records(

@@ -21,6 +21,7 @@ from rackscope.jsontypes import JsonDict
 from rackscope.runner import report_sweep
 from rackscope.runner.results.io import check_schema, load_json, load_requests, load_run
 from rackscope.runner.results.stats import percentile
+from rackscope.runner.server_view import describe as describe_server
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -418,6 +419,11 @@ def markdown(data: ReportInput, images: Mapping[str, str]) -> str:
         for n in data.nodes:
             lines.append(f"| {n.name}{' (straggler)' if n.straggler else ''} | {n.status} | {_fmt(n.tokens_per_s)} | "
                          f"{_fmt(n.power_w)} | {_fmt(n.tokens_per_j, ',.3f')} |")
+        lines.append("")
+    if data.kind == "run" and r.get("server") is not None:
+        # The inference server's own count of the run beside the client's (runner.server_view).
+        lines += ["## Server view (the inference server's metrics page)", ""]
+        lines += [f"- {line}" for line in describe_server(r.get("server"))]
         lines.append("")
     if data.kind == "run" and report_sweep.is_sweep(r):
         series = [report_sweep.series_of(data.path.name.removesuffix(".json"), r)]

@@ -27,6 +27,7 @@ from rackscope.runner.config import RunConfig
 from rackscope.runner.datasets import Dataset
 from rackscope.runner.energy import EnergyMeter
 from rackscope.runner.engines.base import (
+    CountsLiveTokens,
     Engine,
     Failed,
     HasGpus,
@@ -88,6 +89,14 @@ class Runner:
         self.submit = engine.submit if isinstance(engine, SubmitsCallbacks) else None
         self.record_fn = engine.record if isinstance(engine, RecordsWholeRequests) else None
         self.clocked = engine if isinstance(engine, VirtualTime) else None
+        # A whole-request call shows its tokens only when it ends. The exported token counter
+        # must follow tokens as they stream, so whole-request calls are taken only when nobody
+        # collects it (no meter handed in) or when the engine counts its open requests itself;
+        # otherwise those requests are streamed, which costs more CPU per token.
+        self.live_engine = engine if isinstance(engine, CountsLiveTokens) else None
+        self.whole_requests = self.record_fn is not None and (
+            self.live_engine is not None or not telemetry.exported
+        )
         if virtual is not None and (self.submit is None or self.clocked is None):
             raise ConfigError(f"a virtual clock needs an engine that runs on virtual time, not {engine.name!r}")
         # Token gaps (ITL) are kept for engines that stream real arrivals; the simulated
@@ -98,6 +107,11 @@ class Runner:
         # (a per-token callback would cost ~1M calls/s for a rack); a cut-short one is asked
         # for its count when stopped.
         self.stream_tokens = config.duration_s is not None and self.submit is None
+        # Requests the engine counts live itself (submitted, or whole-request calls): one call
+        # per collection instead of a pass over every request in flight (thousands per node).
+        self.engine_counts = self.live_engine is not None and (
+            self.submit is not None or (self.whole_requests and not self.stream_tokens)
+        )
         self.tokens_received = 0  # output tokens seen from any request, warm-up included
         self.deadline: float | None = None
         self.inflight: set[Flight] = set()
@@ -164,13 +178,16 @@ class Runner:
             if not flight.done:
                 flight.cancel_fn = job.cancel
                 flight.job = job
-        elif self.record_fn is not None and not self.stream_tokens:
+        elif self.whole_requests and not self.stream_tokens:
             flight.opaque = True
-            flight.task = asyncio.create_task(self._record_task(flight, request))
+            flight.task = asyncio.create_task(self._record_task(flight, request, scheduled=start_s is not None))
         else:
             flight.task = asyncio.create_task(self._stream_task(flight, request))
 
-    async def _record_task(self, flight: Flight, request: Request) -> None:
+    async def _record_task(self, flight: Flight, request: Request, *, scheduled: bool) -> None:
+        """``scheduled``: an open-loop arrival, whose latency counts from its scheduled time
+        even when the client issued it late; a closed-loop request counts from when the engine
+        wrote its bytes (its record's ``start_s``), not from when this loop queued it."""
         assert self.record_fn is not None
         try:
             rec: RequestRecord = await self.record_fn(request)
@@ -183,8 +200,8 @@ class Runner:
             return
         if flight.done:
             return
-        scheduled = flight.rec.start_s
-        rec.start_s = min(scheduled, rec.start_s)  # open-loop arrivals count from their schedule
+        if scheduled:
+            rec.start_s = min(flight.rec.start_s, rec.start_s)
         flight.rec = rec
         self.tokens_received += rec.output_tokens
         if rec.end_s is None:
@@ -254,6 +271,34 @@ class Runner:
                 phase=label if self.measuring else "warmup",
             ))
         return now, self.tokens_received
+
+    def live_tokens(self) -> dict[int | None, int]:
+        """Output tokens received so far by the requests in flight, per GPU (None: not known
+        yet): the run's live source for ``rackscope.tokens``. Called by metrics collectors,
+        possibly from another thread while this loop runs: it reads counts, changes nothing,
+        and skips flights already finished (``finish`` marks them before recording them)."""
+        if self.engine_counts:
+            assert self.live_engine is not None
+            return dict(self.live_engine.live_output_tokens())
+        try:
+            flights = tuple(self.inflight)  # one C-level copy: no Python code runs meanwhile
+        except RuntimeError:  # the set changed under a copy from another thread: next time
+            return {}
+        counts: dict[int | None, int] = {}
+        for flight in flights:
+            if flight.done:
+                continue
+            rec = flight.rec
+            job = flight.job
+            if job is not None:
+                tokens = max(int(job.tokens_so_far), rec.output_tokens)
+                gpu = job.gpu
+            else:
+                tokens = rec.output_tokens
+                gpu = rec.gpu
+            if tokens > 0:
+                counts[gpu] = counts.get(gpu, 0) + tokens
+        return counts
 
     def tokens_generated(self) -> int:
         """Output tokens generated so far, warm-up included, counting what requests still in
@@ -481,7 +526,8 @@ async def run_scenario(
         config = dataclasses.replace(config, run_id=run_id)
     dataset = dataset if dataset is not None else make_dataset(config)
     model = engine.model or config.model
-    telemetry = WorkloadTelemetry(meter, rack=config.rack, node=config.node, model=model, engine=engine.name)
+    telemetry = WorkloadTelemetry(meter, rack=config.rack, node=config.node, model=model, engine=engine.name,
+                                  api=config.api)
     runner = Runner(
         engine, config, dataset,
         virtual=clock if isinstance(clock, VirtualClock) else None,
@@ -490,6 +536,7 @@ async def run_scenario(
     started_at = now_utc()
     phases: list[Phase] = []
     telemetry.run_started(run_id, config.scenario)
+    stop_live = telemetry.add_live_source(runner.live_tokens)
     cancelled_task = False
     watcher = None
     if cancel is not None and runner.virtual is None:
@@ -516,6 +563,7 @@ async def run_scenario(
             partial.stop_reason = "cancelled"
             phases.append(partial)
     finally:
+        stop_live()  # what was in flight has been recorded by now
         telemetry.run_ended()
         if watcher is not None:
             watcher.cancel()

@@ -16,20 +16,21 @@ token, or counted when the prompt is a list of token ids.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import math
 import signal
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from rackscope.errors import ConfigError
-from rackscope.runner.engines.base import Done, Failed, FirstToken, Tokens
+from rackscope.runner.engines.base import Done, EngineEvent, Failed, FirstToken, Tokens
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -53,6 +54,11 @@ TOKEN_TEXTS = (
     " token", " at", " a", " time", " by", " a", " model", " of", " a", " GPU", " that", " does",
     " not", " exist", ".", "\n",
 )
+# vLLM (v1)'s histogram buckets, seconds: a reader of vLLM's histograms reads these alike.
+VLLM_TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                       20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                      40.0, 80.0)
 
 
 class ApiError(Exception):
@@ -267,6 +273,79 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+# --- latencies as the server sees them --------------------------------------------------------
+class LatencyHistogram:
+    """Observations counted into fixed upper bounds (the last bucket: +Inf), and their sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        """``n`` observations of ``value`` (a bucket counts values up to and including its bound)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, count)`` pairs as Prometheus text writes them, the last ``+Inf``."""
+        return [("+Inf" if math.isinf(b) else repr(float(b)), float(c))
+                for b, c in zip((*self.bounds, math.inf), itertools.accumulate(self.counts), strict=True)]
+
+
+class ServerLatency:
+    """The server's TTFT and inter-token latency histograms (vLLM's buckets)."""
+
+    def __init__(self) -> None:
+        self.ttft = LatencyHistogram(VLLM_TTFT_BUCKETS_S)
+        self.itl = LatencyHistogram(VLLM_ITL_BUCKETS_S)
+
+
+class _Timing:
+    """One request's events on their way to its channel: its TTFT and token gaps observed."""
+
+    __slots__ = ("arrival_s", "forward", "last_s", "latency", "tokens")
+
+    def __init__(self, latency: ServerLatency, arrival_s: float, forward: Callable[[EngineEvent], None]) -> None:
+        self.latency = latency
+        self.arrival_s = arrival_s
+        self.forward = forward
+        self.last_s: float | None = None
+        self.tokens = 0
+
+    def push(self, event: EngineEvent) -> None:
+        kind = type(event)
+        if kind is FirstToken:
+            assert isinstance(event, FirstToken)
+            self.latency.ttft.observe(max(0.0, event.t - self.arrival_s))
+            self._together(event.count - 1)
+            self.last_s, self.tokens = event.t, event.count
+        elif kind is Tokens and self.last_s is not None:
+            assert isinstance(event, Tokens)
+            self.latency.itl.observe(max(0.0, event.t - self.last_s))
+            self._together(event.count - 1)
+            self.last_s, self.tokens = event.t, self.tokens + event.count
+        elif kind is Done and self.last_s is not None:
+            assert isinstance(event, Done)
+            # A request not streamed token by token reports its first token and its end only:
+            # its remaining tokens are taken as evenly spaced in between.
+            rest = event.output_tokens - self.tokens
+            if rest > 0:
+                self.latency.itl.observe(max(0.0, event.t - self.last_s) / rest, rest)
+            self.tokens = event.output_tokens
+        self.forward(event)
+
+    def _together(self, n: int) -> None:
+        if n > 0:  # tokens that came out with the one before them
+            self.latency.itl.observe(0.0, n)
+
+
 # --- the server -------------------------------------------------------------------------------
 def _json_response(body: object, status: int = 200) -> web.Response:
     from aiohttp import web
@@ -274,7 +353,7 @@ def _json_response(body: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-def _metric_families(engine: SimEngine, model: str) -> Iterable[Metric]:
+def _metric_families(engine: SimEngine, model: str, latency: ServerLatency | None = None) -> Iterable[Metric]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     stats = engine.stats()
@@ -306,14 +385,15 @@ def _metric_families(engine: SimEngine, model: str) -> Iterable[Metric]:
         finished.add_metric([*key, "error"], g.requests_failed)
         kv_ratio.add_metric(key, g.kv_used_tokens / g.kv_capacity_tokens)
         kv_bytes.add_metric(key, g.kv_used_bytes)
-    return [info, waiting, running, generated, prompt, finished, kv_ratio, kv_bytes, *_vllm_families(stats, model)]
+    return [info, waiting, running, generated, prompt, finished, kv_ratio, kv_bytes,
+            *_vllm_families(stats, model, latency)]
 
 
-def _vllm_families(stats: EngineStats, model: str) -> list[Metric]:
+def _vllm_families(stats: EngineStats, model: str, latency: ServerLatency | None = None) -> list[Metric]:
     """The engine's state as vLLM (v1) names it, so whatever reads a vLLM server reads this one:
     one engine (``engine="0"``) over all the simulated GPUs, its KV-cache usage the share of
-    all their cache in use."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    all their cache in use, and its TTFT and inter-token latency histograms."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     labels, key = ["engine", "model_name"], ["0", model]
     gpus = stats.gpus
@@ -335,6 +415,14 @@ def _vllm_families(stats: EngineStats, model: str) -> list[Metric]:
         counter = CounterMetricFamily(name, help_text, labels=labels)
         counter.add_metric(key, total)
         families.append(counter)
+    if latency is not None:
+        for name, help_text, hist in (
+            ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", latency.ttft),
+            ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", latency.itl),
+        ):
+            family = HistogramMetricFamily(name, help_text, labels=labels)
+            family.add_metric(key, hist.cumulative(), hist.sum)
+            families.append(family)
     return families
 
 
@@ -344,6 +432,7 @@ class SimServer:
     def __init__(self, engine: SimEngine, model: str | None = None) -> None:
         self.engine = engine
         self.model = model or engine.model
+        self.latency = ServerLatency()
         self.created = int(time.time())
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count()
@@ -393,11 +482,11 @@ class SimServer:
         from prometheus_client.exposition import generate_latest
         from prometheus_client.registry import Collector, CollectorRegistry
 
-        engine, model = self.engine, self.model
+        engine, model, latency = self.engine, self.model, self.latency
 
         class _Snapshot(Collector):
             def collect(self) -> Iterable[Metric]:
-                return _metric_families(engine, model)
+                return _metric_families(engine, model, latency)
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Snapshot())
@@ -421,7 +510,8 @@ class SimServer:
             rid, input_tokens=params.prompt_tokens, max_output_tokens=params.max_tokens, ignore_eos=params.ignore_eos
         )
         channel = EventChannel()
-        job = self.engine.submit(job_request, channel.push, stream_tokens=params.stream)
+        timing = _Timing(self.latency, self.engine.now(), channel.push)
+        job = self.engine.submit(job_request, timing.push, stream_tokens=params.stream)
         try:
             first = channel.events[0] if channel.events else None
             if isinstance(first, Failed):  # refused at once: answer with a status, not a stream

@@ -3,37 +3,74 @@
 Names, units, attributes and histogram buckets come from ``rackscope.contract``. One call per
 finished request, never per token. The token and request counters are observable counters
 whose callbacks read plain integers summed per attribute set (a simulated rack finishes
-thousands of requests a second, and an SDK ``add`` costs far more than ``+=``); the three
-latency histograms get one ``record`` each with attribute dicts built once per GPU.
+thousands of requests a second, and an SDK ``add`` costs far more than ``+=``). The three
+latency histograms go into a ``rackscope.histograms`` registry when the meter's host exports
+one (the agent does, on both of its export paths: a bisect and a few additions per value),
+and through the SDK's ``record`` otherwise; attribute sets are built once per GPU either way.
+The GenAI histograms carry the semantic conventions' ``gen_ai.operation.name``,
+``gen_ai.provider.name`` and ``gen_ai.request.model`` (``rackscope.contract``).
+
+Output tokens count as they stream, not only when a request ends: a run registers a live
+source (``WorkloadTelemetry.add_live_source``) that says, when a collector asks, how many
+output tokens its requests still in flight have received, per GPU. The ``rackscope.tokens``
+callback reports finished tokens plus those, so the exported counter is exact at every
+collection instead of jumping when long requests end. Nothing is done per token: a collection
+asks the engine once when it counts its open requests itself (``CountsLiveTokens``: the
+simulated engine, the openai engine's whole-request calls), or reads the streamed requests'
+own counts otherwise (``runner.runloop.Runner.live_tokens``).
+
+A counter must never go down, yet a request's final count can be below what was counted live
+(the server's ``usage`` figure under the chunks counted, a request cut short whose partial
+tokens are dropped, a GPU learned only at the end). So each data point reports the highest
+value it has reported, and resumes climbing once the true total passes it again.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
-from rackscope import __version__, contract
+from rackscope import __version__, contract, histograms
 from rackscope.runner.records import CANCELLED, RequestRecord
+
+log = logging.getLogger(__name__)
 
 SCOPE = "rackscope.runner"
 ALL_GPUS = "all"  # the gpu attribute when the engine does not say which GPU served a request
 
 Attrs = dict[str, str]
+LiveSource = Callable[[], Mapping[int | None, int]]
+"""Output tokens received so far by requests still in flight, per GPU index (None: the engine
+does not say which GPU); see ``WorkloadTelemetry.add_live_source``."""
 
 
 class _Cell:
-    """One counter data point: its attributes and its running total."""
+    """One counter data point: its attributes, its running total of finished requests and
+    the highest value it has reported (a counter never goes down)."""
 
-    __slots__ = ("attrs", "value")
+    __slots__ = ("attrs", "reported", "value")
 
     def __init__(self, attrs: Attrs) -> None:
         self.attrs = attrs
         self.value = 0
+        self.reported = 0
+
+
+class _Live:
+    """A registered live source and how its GPU keys map to output-token cells."""
+
+    __slots__ = ("cell_for", "source")
+
+    def __init__(self, source: LiveSource, cell_for: Callable[[int | None], _Cell]) -> None:
+        self.source = source
+        self.cell_for = cell_for
 
 
 class _Counters:
@@ -49,6 +86,9 @@ class _Counters:
         self.lock = threading.Lock()
         self._tokens: dict[tuple[tuple[str, str], ...], _Cell] = {}
         self._requests: dict[tuple[tuple[str, str], ...], _Cell] = {}
+        self._live: dict[int, _Live] = {}
+        self._next_live = 0
+        self._failed_sources: set[int] = set()  # logged once each
         meter.create_observable_counter(
             contract.TOKENS.otel_name,
             callbacks=[self._observe_tokens],
@@ -78,31 +118,85 @@ class _Counters:
         with self.lock:
             return self._cell(self._requests, attrs)
 
+    def add_live(self, live: _Live) -> Callable[[], None]:
+        with self.lock:
+            self._next_live += 1
+            handle = self._next_live
+            self._live[handle] = live
+
+        def remove() -> None:
+            with self.lock:
+                self._live.pop(handle, None)
+
+        return remove
+
     @staticmethod
     def _observe(cells: dict[tuple[tuple[str, str], ...], _Cell]) -> list[Observation]:
         return [Observation(c.value, c.attrs) for c in cells.values() if c.value > 0]
 
+    def _live_counts(self, sources: list[tuple[int, _Live]]) -> dict[_Cell, int]:
+        """Ask every live source (outside the lock: a source may create cells)."""
+        counts: dict[_Cell, int] = {}
+        for handle, live in sources:
+            try:
+                partial = live.source()
+                for gpu, tokens in partial.items():
+                    if tokens > 0:
+                        cell = live.cell_for(gpu)
+                        counts[cell] = counts.get(cell, 0) + tokens
+            except Exception:  # collection boundary: a broken source must not stop the export
+                if handle not in self._failed_sources:
+                    self._failed_sources.add(handle)
+                    log.exception("a live token source failed; its requests count when they end")
+        return counts
+
     def _observe_tokens(self, options: CallbackOptions) -> Iterable[Observation]:
+        # Finished totals first, live counts second: a request that ends in between has left
+        # the live count before its tokens reach the totals (the run drops it from its
+        # in-flight set before recording it), so it is missed for one collection at worst,
+        # never counted twice.
         with self.lock:
-            return self._observe(self._tokens)
+            finished = {id(c): c.value for c in self._tokens.values()}
+            sources = list(self._live.items())
+        live = self._live_counts(sources) if sources else {}
+        out = []
+        with self.lock:
+            for cell in self._tokens.values():
+                cell.reported = max(cell.reported, finished.get(id(cell), 0) + live.get(cell, 0))
+                if cell.reported > 0:
+                    out.append(Observation(cell.reported, cell.attrs))
+        return out
 
     def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
         with self.lock:
             return self._observe(self._requests)
 
 
+Observe = Callable[[float], None]
+
+
 class _GpuAttrs:
-    """Every attribute set one GPU's data points use, built once, with its counter cells."""
+    """Every attribute set one GPU's data points use, built once, with its counter cells and
+    its three latency observers (duration, time to first chunk, time per output token)."""
 
-    __slots__ = ("base", "cancelled", "error", "input", "ok", "output")
+    __slots__ = ("base", "cancelled", "error", "input", "observe", "ok", "output")
 
-    def __init__(self, base: Attrs, counters: _Counters) -> None:
+    def __init__(self, base: Attrs, counters: _Counters, observe: tuple[Observe, Observe, Observe]) -> None:
         self.base = base
         self.input = counters.tokens({**base, "gen_ai.token.type": "input"})
         self.output = counters.tokens({**base, "gen_ai.token.type": "output"})
         self.ok = counters.requests({**base, "outcome": "ok"})
         self.error = counters.requests({**base, "outcome": "error"})
         self.cancelled = counters.requests({**base, "outcome": "cancelled"})
+        self.observe = observe
+
+
+# The latency histograms and their boundaries, in _GpuAttrs.observe order.
+LATENCY_HISTOGRAMS = (
+    (contract.OPERATION_DURATION, contract.OPERATION_DURATION_BUCKETS_S),
+    (contract.TIME_TO_FIRST_CHUNK, contract.TIME_TO_FIRST_CHUNK_BUCKETS_S),
+    (contract.TIME_PER_OUTPUT_TOKEN, contract.TPOT_BUCKETS_S),
+)
 
 
 class _RunInfo:
@@ -172,7 +266,10 @@ def _global_meter() -> Meter:
 
 class WorkloadTelemetry:
     """Records finished requests as ``rackscope.tokens``, ``rackscope.requests`` and the GenAI
-    latency histograms, with rack, node, gpu, model and engine on every data point."""
+    latency histograms, with rack, node, gpu, model and engine on every data point.
+
+    ``api``: the openai engine's API (``completions`` or ``chat``), which decides
+    ``gen_ai.operation.name``; leave it out for the in-process engines."""
 
     def __init__(
         self,
@@ -182,29 +279,30 @@ class WorkloadTelemetry:
         node: str,
         model: str,
         engine: str,
+        api: str | None = None,
     ) -> None:
         self._meter = meter if meter is not None else _global_meter()
+        self._exported = meter is not None
         self.rack, self.node, self.model, self.engine = rack, node, model, engine
+        self.operation = contract.genai_operation(engine, api)
+        self.provider = contract.genai_provider(engine)
         m = self._meter
         self._counters = _counters_for(m)
-        self._duration = m.create_histogram(
-            contract.OPERATION_DURATION.otel_name,
-            unit=contract.OPERATION_DURATION.unit,
-            description=contract.OPERATION_DURATION.description,
-            explicit_bucket_boundaries_advisory=list(contract.OPERATION_DURATION_BUCKETS_S),
-        )
-        self._ttft = m.create_histogram(
-            contract.TIME_TO_FIRST_TOKEN.otel_name,
-            unit=contract.TIME_TO_FIRST_TOKEN.unit,
-            description=contract.TIME_TO_FIRST_TOKEN.description,
-            explicit_bucket_boundaries_advisory=list(contract.TTFT_BUCKETS_S),
-        )
-        self._tpot = m.create_histogram(
-            contract.TIME_PER_OUTPUT_TOKEN.otel_name,
-            unit=contract.TIME_PER_OUTPUT_TOKEN.unit,
-            description=contract.TIME_PER_OUTPUT_TOKEN.description,
-            explicit_bucket_boundaries_advisory=list(contract.TPOT_BUCKETS_S),
-        )
+        registry = histograms.registry_for(m)
+        self._families: tuple[histograms.HistogramFamily, ...] = ()
+        self._instruments: tuple[Histogram, ...] = ()
+        if registry is not None:
+            self._families = tuple(
+                registry.family(d.otel_name, d.unit, d.description, bounds) for d, bounds in LATENCY_HISTOGRAMS
+            )
+        else:
+            self._instruments = tuple(
+                m.create_histogram(
+                    d.otel_name, unit=d.unit, description=d.description,
+                    explicit_bucket_boundaries_advisory=list(bounds),
+                )
+                for d, bounds in LATENCY_HISTOGRAMS
+            )
         self._by_gpu: dict[int | None, _GpuAttrs] = {}
         self._run_handle: int | None = None
 
@@ -218,7 +316,19 @@ class WorkloadTelemetry:
                 "model": self.model,
                 "engine": self.engine,
             }
-            attrs = self._by_gpu[gpu] = _GpuAttrs(base, self._counters)
+            genai = {
+                **base,
+                "gen_ai.operation.name": self.operation,
+                "gen_ai.provider.name": self.provider,
+                "gen_ai.request.model": self.model,
+            }
+            observe: tuple[Observe, ...]
+            if self._families:
+                observe = tuple(f.cell(genai).observe for f in self._families)
+            else:
+                observe = tuple(functools.partial(h.record, attributes=genai) for h in self._instruments)
+            d, f, t = observe
+            attrs = self._by_gpu[gpu] = _GpuAttrs(base, self._counters, (d, f, t))
         return attrs
 
     def record(self, rec: RequestRecord) -> None:
@@ -238,13 +348,39 @@ class WorkloadTelemetry:
             else:
                 a.error.value += 1
         if ok:
+            duration, first_chunk, per_token = a.observe
             e2e, ttft, tpot = rec.e2e_s, rec.ttft_s, rec.tpot_s
             if e2e is not None:
-                self._duration.record(e2e, a.base)
+                duration(e2e)
             if ttft is not None:
-                self._ttft.record(ttft, a.base)
+                first_chunk(ttft)
             if tpot is not None:
-                self._tpot.record(tpot, a.base)
+                per_token(tpot)
+
+    def add_live_source(self, source: LiveSource) -> Callable[[], None]:
+        """Count the output tokens of requests still in flight in ``rackscope.tokens`` from now
+        on; returns the function that unregisters ``source`` (call it when the run ends).
+
+        ``source()`` returns ``{gpu index or None: output tokens received so far}`` over the
+        requests that have not yet been passed to ``record``. It is called at every collection
+        (the /metrics scrape, each OTLP export), possibly from the exporter's thread while the
+        requests' own loop runs, so it must be cheap, must not block, and must tolerate reading
+        counts that are changing. A request must leave its count no later than it is passed to
+        ``record``: leaving it earlier only makes one collection low, leaving it later makes
+        one collection high and then holds the counter there until the true total catches up.
+        Several sources may be registered at once (runs on one meter, a multi-process run's
+        workers); a source that raises is logged once and skipped.
+        """
+        return self._counters.add_live(_Live(source, self._output_cell))
+
+    def _output_cell(self, gpu: int | None) -> _Cell:
+        return (self._by_gpu.get(gpu) or self._attrs(gpu)).output
+
+    @property
+    def exported(self) -> bool:
+        """Whether a host handed in a meter (the agent, a run with metrics export): only then
+        does anyone collect these metrics, so only then is live counting worth its cost."""
+        return self._exported
 
     def run_started(self, run_id: str, scenario: str) -> None:
         """``rackscope.run.info`` reports 1 for this run until ``run_ended``."""

@@ -37,6 +37,14 @@ for process start-up or a TCP connect. Times are the engines' clocks; for the ``
 engine that is ``time.perf_counter()``, ``CLOCK_MONOTONIC`` on Linux, which is the same in
 every process, so records from different workers compare directly.
 
+While it runs, the parent sees what the workers have received so far: each worker sends its
+finished records every ``FLUSH_INTERVAL_S`` (``on_records`` gets them as they come) and, in
+the same step, writes the output tokens its requests still in flight have received into its
+slot of a shared-memory array (``LiveTokens``, read by the parent from any thread; an engine
+that ``CountsLiveTokens`` says how many). A request leaves its worker's live count before its
+record is sent, so a reader that adds records and live counts may be one flush low, never
+twice high. ``on_progress`` gets a ``WorkerProgress`` about once a second.
+
 Cancellation: SIGINT to the parent (or setting ``stop``) stops the workers; requests in
 flight are recorded as failed with ``error_type="cancelled"``, requests not yet started are
 left out, and ``run_workers`` returns what was recorded with ``interrupted=True``. The
@@ -47,27 +55,30 @@ SIGINT handler there) or pass ``stop`` and set it from elsewhere.
 ``collect(engine, request)`` turns one request into a ``RequestRecord`` with any engine (the
 single-process path uses it too): it takes the engine's lean ``record()`` when it has one
 and otherwise consumes ``stream()``. ``new_event_loop()`` gives uvloop's loop when uvloop is
-installed (it halves the client's CPU per token), else asyncio's.
+installed (it halves the client's CPU per token), else asyncio's; ``run_client(coro)`` runs a
+load-generating process's main coroutine on it with the garbage collector kept quiet
+(``quiet_gc``), as every worker does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import math
-import multiprocessing as mp
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from multiprocessing.connection import Connection, wait
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from rackscope.errors import EngineUnavailable, RunError
 from rackscope.runner.engines.base import (
+    CountsLiveTokens,
     Done,
     Engine,
     Failed,
@@ -79,10 +90,22 @@ from rackscope.runner.engines.base import (
 )
 from rackscope.runner.records import RequestRecord
 
+if TYPE_CHECKING:
+    # Imported where used: a single-process run (which takes new_event_loop from here) needs
+    # none of multiprocessing.
+    from multiprocessing.connection import Connection
+
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 START_MARGIN_S = 0.05  # between "all workers ready" and the common start
-FLUSH_INTERVAL_S = 0.25  # how often a worker sends its finished records to the parent
+FLUSH_INTERVAL_S = 0.25  # how often a worker sends its finished records and live count to the parent
+PROGRESS_INTERVAL_S = 1.0  # how often the parent reports progress
+# The youngest generation's collection threshold while a client runs (Python's default is 700).
+# A run allocates a few dozen tracked objects per request and none per token, so young
+# collections stay small either way; fewer of them means fewer pauses between reads.
+CLIENT_GC_THRESHOLD = 10_000
 STOP_POLL_S = 0.05  # how often a worker checks the stop flag
 STOP_GRACE_S = 10.0  # how long the parent waits for workers to report after a stop
 READY_TIMEOUT_S = 120.0  # engine start-up (server checks, connection warm-up) in a worker
@@ -101,6 +124,39 @@ class WorkerRun:
     interrupted: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerProgress:
+    """What a worker run has done so far, for ``on_progress``."""
+
+    elapsed_s: float  # since the common start
+    requests_done: int  # finished ok
+    requests_failed: int  # failed or stopped
+    in_flight: int  # requests running in the workers at their last flush
+    output_tokens: int  # of finished requests plus what those in flight have received (never decreasing)
+
+
+class LiveTokens:
+    """Output tokens received so far by the requests in flight, from shared-memory slots that
+    each worker writes (every ``FLUSH_INTERVAL_S``, its own two: tokens and requests in flight)
+    and anyone reads.
+
+    Pass one to ``run_workers`` and read ``output_tokens()`` from any thread while it runs (a
+    metrics collector's, say): it reads plain 64-bit integers, each written whole by one
+    writer, and never blocks. Zero before the run starts and after it ends.
+    """
+
+    def __init__(self) -> None:
+        self._slots: Any = None  # a multiprocessing RawArray("q", 2 * workers), set by run_workers
+
+    def output_tokens(self) -> int:
+        slots = self._slots
+        return sum(slots[0::2]) if slots is not None else 0
+
+    def in_flight(self) -> int:
+        slots = self._slots
+        return sum(slots[1::2]) if slots is not None else 0
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's event loop when installed (much cheaper per socket read), else asyncio's."""
     try:
@@ -109,6 +165,34 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
+
+
+@contextlib.contextmanager
+def quiet_gc() -> Iterator[None]:
+    """Keep the cyclic garbage collector's pauses off a client's timestamps while it runs.
+
+    What exists when it starts (modules, classes, the engine, the dataset) is frozen out of
+    every later collection: a full collection would otherwise walk all of it, tens of
+    milliseconds during which every token waiting on a socket gets a late timestamp. Young
+    collections run less often (``CLIENT_GC_THRESHOLD``). Everything is put back on exit.
+    """
+    gc.collect()
+    gc.freeze()
+    threshold = gc.get_threshold()
+    gc.set_threshold(CLIENT_GC_THRESHOLD, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
+def run_client(main: Coroutine[Any, Any, T]) -> T:
+    """Run a load-generating process's main coroutine: on ``new_event_loop()``, with the
+    garbage collector quiet (``quiet_gc``). For a process that is the client (a command, a
+    worker), not for a host that runs other work beside it."""
+    with quiet_gc(), asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
 
 
 async def collect(engine: Engine, request: Request) -> RequestRecord:
@@ -153,6 +237,7 @@ async def _worker_async(
     factory: EngineFactory,
     concurrency: int | None,
     stop: Any,  # multiprocessing Event (its type is not importable for annotations)
+    live: Any,  # multiprocessing RawArray("q"): this worker writes live[2 * index] and the next
 ) -> None:
     loop = asyncio.get_running_loop()
     engine = factory()
@@ -164,6 +249,11 @@ async def _worker_async(
         log.error("worker %d: engine did not start: %s", index, exc)
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
+    live_tokens = engine.live_output_tokens if isinstance(engine, CountsLiveTokens) else None
+    # Everything built so far (imports, engine, connections, requests) lives for the whole run:
+    # out of every collection from here on (see quiet_gc).
+    gc.collect()
+    gc.freeze()
     conn.send(("ready", index))
     msg = await loop.run_in_executor(None, conn.recv)
     if msg[0] != "go":
@@ -213,6 +303,11 @@ async def _worker_async(
     async def flusher() -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
+            # One step, nothing awaited in between: the live count leaves out exactly the
+            # requests whose records go out now (see the module docstring).
+            if live_tokens is not None:
+                live[2 * index] = sum(live_tokens().values())
+            live[2 * index + 1] = len(in_flight)
             if pending:
                 conn.send(("records", pending[:]))
                 pending.clear()
@@ -254,6 +349,7 @@ async def _worker_async(
     flush_task.cancel()
     cpu_s = time.process_time() - cpu0
     await engine.stop()
+    live[2 * index] = live[2 * index + 1] = 0
     conn.send(("done", cpu_s, pending))
 
 
@@ -265,14 +361,18 @@ def _worker_main(
     concurrency: int | None,
     stop: Any,
     cpu: int | None,
+    live: Any,
 ) -> None:
     """Worker process entry point."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
+    # The process is the client and nothing else: young collections less often, and (once the
+    # engine is up, in _worker_async) the start-up heap frozen out of all of them.
+    gc.set_threshold(CLIENT_GC_THRESHOLD, *gc.get_threshold()[1:])
     loop = new_event_loop()
     try:
-        loop.run_until_complete(_worker_async(index, conn, items, factory, concurrency, stop))
+        loop.run_until_complete(_worker_async(index, conn, items, factory, concurrency, stop, live))
     finally:
         loop.close()
         conn.close()
@@ -290,14 +390,22 @@ def run_workers(
     arrivals_s: Sequence[float] | None = None,
     cpus: Sequence[int] | None = None,
     stop: threading.Event | None = None,
+    live: LiveTokens | None = None,
+    on_records: Callable[[list[RequestRecord]], None] | None = None,
+    on_progress: Callable[[WorkerProgress], None] | None = None,
 ) -> WorkerRun:
     """Run ``requests`` over ``workers`` processes; see the module docstring.
 
     ``engine_factory`` is called once in each worker and must be picklable (a class or a
     ``functools.partial`` of one). ``cpus`` pins worker ``w`` to ``cpus[w % len(cpus)]``.
-    Raises ``EngineUnavailable`` when a worker's engine cannot start and ``RunError`` when a
-    worker dies.
+    While the run lasts, ``live`` counts the output tokens of requests in flight,
+    ``on_records`` gets finished records as workers send them (every ``FLUSH_INTERVAL_S``;
+    warm-up requests included) and ``on_progress`` a ``WorkerProgress`` about once a second;
+    both are called in this thread. Raises ``EngineUnavailable`` when a worker's engine
+    cannot start and ``RunError`` when a worker dies.
     """
+    import multiprocessing as mp
+
     if workers < 1:
         raise ValueError("workers must be at least 1")
     if concurrency is not None and concurrency < 1:
@@ -312,6 +420,7 @@ def run_workers(
         workers = min(workers, concurrency)
     ctx = mp.get_context("spawn")
     stop_flag = ctx.Event()
+    slots = ctx.RawArray("q", 2 * workers)
     procs: list[Any] = []
     conns: list[Connection] = []
     for w in range(workers):
@@ -324,7 +433,7 @@ def run_workers(
         parent_end, child_end = ctx.Pipe()
         proc = ctx.Process(
             target=_worker_main,
-            args=(w, child_end, items, engine_factory, share, stop_flag, cpu),
+            args=(w, child_end, items, engine_factory, share, stop_flag, cpu, slots),
             name=f"rackscope-worker-{w}",
             daemon=True,
         )
@@ -337,9 +446,12 @@ def run_workers(
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, lambda _sig, _frame: interrupted.set())
+    live = live if live is not None else LiveTokens()
+    live._slots = slots
     try:
-        return _supervise(procs, conns, stop_flag, interrupted, stop, len(requests))
+        return _supervise(procs, conns, stop_flag, interrupted, stop, len(requests), on_records, on_progress, live)
     finally:
+        live._slots = None
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         for proc in procs:
@@ -368,7 +480,12 @@ def _supervise(
     interrupted: threading.Event,
     stop: threading.Event | None,
     n_requests: int,
+    on_records: Callable[[list[RequestRecord]], None] | None,
+    on_progress: Callable[[WorkerProgress], None] | None,
+    live: LiveTokens,
 ) -> WorkerRun:
+    from multiprocessing.connection import wait
+
     def stopping() -> bool:
         return interrupted.is_set() or (stop is not None and stop.is_set())
 
@@ -385,7 +502,7 @@ def _supervise(
         if time.monotonic() > deadline:
             raise RunError(f"workers not ready after {READY_TIMEOUT_S:g} s")
         for got in wait([c for i, c in enumerate(conns) if i not in ready], timeout=0.1):
-            c = cast(Connection, got)
+            c = cast("Connection", got)
             w = conns.index(c)
             try:
                 msg = c.recv()
@@ -407,7 +524,30 @@ def _supervise(
     cpu_s = [0.0] * len(conns)
     open_conns = dict(enumerate(conns))
     stop_sent_s = math.inf
+    done = failed = finished_tokens = reported_tokens = 0
+    next_progress_s = start_s + PROGRESS_INTERVAL_S
+
+    def take(batch: list[tuple[int, RequestRecord]]) -> None:
+        nonlocal done, failed, finished_tokens
+        by_index.update(batch)
+        records = [rec for _, rec in batch]
+        for rec in records:
+            finished_tokens += rec.output_tokens
+            if rec.ok:
+                done += 1
+            else:
+                failed += 1
+        if on_records is not None and records:
+            on_records(records)
+
     while open_conns:
+        now = time.perf_counter()
+        if on_progress is not None and now >= next_progress_s:
+            next_progress_s = max(next_progress_s + PROGRESS_INTERVAL_S, now)
+            # A worker's live count drops a moment before its records arrive here: report the
+            # highest total seen, so the figure never steps back.
+            reported_tokens = max(reported_tokens, finished_tokens + live.output_tokens())
+            on_progress(WorkerProgress(now - start_s, done, failed, live.in_flight(), reported_tokens))
         if stopping() and not stop_flag.is_set():
             stop_flag.set()
             stop_sent_s = time.monotonic()
@@ -415,7 +555,7 @@ def _supervise(
             log.warning("workers did not finish within %.0f s of the stop; dropping them", STOP_GRACE_S)
             break
         for got in wait(list(open_conns.values()), timeout=0.1):
-            c = cast(Connection, got)
+            c = cast("Connection", got)
             w = conns.index(c)
             try:
                 msg = c.recv()
@@ -426,10 +566,10 @@ def _supervise(
                     raise RunError(f"worker {w} died (exit code {procs[w].exitcode})") from None
                 continue
             if msg[0] == "records":
-                by_index.update(msg[1])
+                take(msg[1])
             elif msg[0] == "done":
                 cpu_s[w] = msg[1]
-                by_index.update(msg[2])
+                take(msg[2])
                 del open_conns[w]
     end_s = time.perf_counter()
     records = [by_index[i] for i in sorted(by_index)]
@@ -438,4 +578,6 @@ def _supervise(
     return WorkerRun(records, start_s, end_s, cpu_s, interrupted=stop_flag.is_set())
 
 
-__all__ = ["WorkerRun", "collect", "new_event_loop", "run_workers"]
+__all__ = [
+    "LiveTokens", "WorkerProgress", "WorkerRun", "collect", "new_event_loop", "quiet_gc", "run_client", "run_workers",
+]

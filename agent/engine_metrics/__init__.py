@@ -1,26 +1,12 @@
-"""The inference engine's own view: its metrics page scraped, read onto one contract, exported.
+"""The agent's side of the inference engine's own view: its metrics page (read by
+``rackscope.engine_metrics``) exported on the contract's names.
 
-- ``formats``: one reader per server format (vLLM, SGLang, TensorRT-LLM) and detection;
-- ``scraper``: the bounded periodic read and the snapshot that withholds stale values;
-- ``instruments``: the snapshot as OpenTelemetry instruments with the contract's names;
+- ``instruments``: the snapshot as OpenTelemetry instruments with the contract's names, and the
+  server's own latency histograms as a source of the agent's pre-aggregated histograms;
 - ``host``: the agent's one set of instruments and the scraper behind them (configured, or
   following a run against a server).
 """
 
-from rackscope.agent.engine_metrics.formats import FORMATS, EngineFormat, ModelReading, Reading, read_page
-from rackscope.agent.engine_metrics.instruments import ENGINE_SCOPE, EngineInstruments
-from rackscope.agent.engine_metrics.scraper import EngineScraper, EngineSnapshot, ScrapeStatus, metrics_url
+from rackscope.agent.engine_metrics.instruments import ENGINE_SCOPE, EngineHistograms, EngineInstruments
 
-__all__ = [
-    "ENGINE_SCOPE",
-    "FORMATS",
-    "EngineFormat",
-    "EngineInstruments",
-    "EngineScraper",
-    "EngineSnapshot",
-    "ModelReading",
-    "Reading",
-    "ScrapeStatus",
-    "metrics_url",
-    "read_page",
-]
+__all__ = ["ENGINE_SCOPE", "EngineHistograms", "EngineInstruments"]

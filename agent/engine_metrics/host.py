@@ -14,10 +14,10 @@ import logging
 import threading
 from collections.abc import Iterator
 
-from rackscope.agent.engine_metrics.formats import EngineFormat
-from rackscope.agent.engine_metrics.instruments import ENGINE_SCOPE, EngineInstruments
-from rackscope.agent.engine_metrics.scraper import EngineScraper, EngineSnapshot, metrics_url
+from rackscope.agent.engine_metrics.instruments import ENGINE_SCOPE, EngineHistograms, EngineInstruments
 from rackscope.agent.telemetry import Telemetry
+from rackscope.engine_metrics.formats import EngineFormat
+from rackscope.engine_metrics.scraper import EngineScraper, EngineSnapshot, metrics_url
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,18 @@ class EngineMetricsHost:
         self.interval_s = interval_s
         self._configured = EngineScraper(url, fmt=EngineFormat(fmt) if fmt else None, interval_s=interval_s) \
             if url else None
+        self._configured_url = url if self._configured is not None else None  # as given, to read again
         self._current: EngineScraper | None = None
         self._lock = threading.Lock()
         identity = telemetry.identity
         self._telemetry = telemetry
         self._instruments: EngineInstruments | None = None
         self._rack, self._node = identity.rack, identity.node
+
+    @property
+    def configured_url(self) -> str | None:
+        """The page the operator named (``--engine-metrics``), if any."""
+        return self._configured_url
 
     @property
     def configured(self) -> bool:
@@ -53,6 +59,7 @@ class EngineMetricsHost:
         if self._instruments is None:
             meter = self._telemetry.meter_provider.get_meter(ENGINE_SCOPE, self._telemetry.identity.version)
             self._instruments = EngineInstruments(meter, self.snapshot, self._rack, self._node)
+            self._telemetry.histograms.add_source(EngineHistograms(self.snapshot, self._rack, self._node))
         if self._configured is not None and self._current is None:
             self._current = self._configured
             self._configured.start()

@@ -88,12 +88,13 @@ READING_FIELDS = (
     "nvlink_recovery_errors",
 )
 
-# The hw.errors ``error.type`` values of NVLink errors and the sample field each counts. Named like
-# "ecc_corrected": snake_case, the component first, so alerts can select them all with "nvlink_.*".
+# The hw.errors ``error.type`` values of NVLink errors and the sample field each counts. The
+# hardware conventions name the error itself ("crc", as for any link); the series also carry
+# ``link="nvlink"``, which is how alerts select NVLink errors.
 NVLINK_ERROR_TYPES = (
-    ("nvlink_crc", "nvlink_crc_errors"),
-    ("nvlink_replay", "nvlink_replay_errors"),
-    ("nvlink_recovery", "nvlink_recovery_errors"),
+    ("crc", "nvlink_crc_errors"),
+    ("replay", "nvlink_replay_errors"),
+    ("recovery", "nvlink_recovery_errors"),
 )
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -291,13 +291,15 @@ class PullReader(MetricReader):
 
     While it collects, ``collecting_here()`` is true on the collecting thread; the GPU
     observable instruments (OTLP only) check it and yield nothing, because the endpoint
-    renders GPU series directly from the samples.
+    renders GPU series directly from the samples. ``extend`` adds data aggregated outside the
+    SDK to each collection (``rackscope.histograms.merge``), also when the SDK had none.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, extend: Callable[[MetricsData | None], MetricsData | None] | None = None) -> None:
         super().__init__()
         self._local = threading.local()
         self._latest: MetricsData | None = None
+        self._extend = extend
 
     def collecting_here(self) -> bool:
         return bool(getattr(self._local, "active", False))
@@ -307,7 +309,7 @@ class PullReader(MetricReader):
         try:
             self._latest = None
             self.collect(timeout_millis=timeout_s * 1000.0)
-            return self._latest
+            return self._extend(self._latest) if self._extend is not None else self._latest
         finally:
             self._local.active = False
 

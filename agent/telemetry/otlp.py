@@ -147,15 +147,19 @@ def _install_quiet_filter() -> None:
 
 class CountingExporter(MetricExporter):
     """Wraps an exporter: counts failed exports (FAILURE or an exception), logs once per
-    streak of failures, and never lets an export error reach the agent."""
+    streak of failures, and never lets an export error reach the agent. ``extend`` adds data
+    aggregated outside the SDK to each export (``rackscope.histograms.merge``)."""
 
-    def __init__(self, inner: MetricExporter, label: str) -> None:
+    def __init__(
+        self, inner: MetricExporter, label: str, extend: Callable[[MetricsData], MetricsData] | None = None
+    ) -> None:
         super().__init__(
             preferred_temporality=dict(inner._preferred_temporality or {}),
             preferred_aggregation=dict(inner._preferred_aggregation or {}),
         )
         self.inner = inner
         self.label = label
+        self._extend = extend
         self._lock = threading.Lock()
         self._failures = 0
         self._streak = 0
@@ -176,6 +180,8 @@ class CountingExporter(MetricExporter):
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
         _streak_state.quiet = self._streak > 0
         try:
+            if self._extend is not None:
+                metrics_data = self._extend(metrics_data)
             result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         except Exception as exc:  # noqa: BLE001 - export-thread boundary: telemetry must not break the agent
             self._failed(f"{type(exc).__name__}: {exc}")

@@ -8,6 +8,11 @@ Two paths, one set of names (``rackscope.contract``):
 - push: with an OTLP endpoint, the same MeterProvider gets a periodic OTLP reader, and GPU
   series become observable instruments reading the latest samples.
 
+Histograms recorded often (the runner's GenAI latencies, several per request) are aggregated
+outside the SDK in a ``rackscope.histograms`` registry attached to the workload meter; both
+readers add its families to every collection (``merge``), as the SDK's own data, so the two
+paths carry them exactly as they carry SDK instruments.
+
 One MeterProvider per agent and no global OpenTelemetry state, so several agents can live in
 one process (the rack demo).
 """
@@ -42,6 +47,7 @@ from rackscope.agent.telemetry.otlp import (
     http_metrics_url,
 )
 from rackscope.agent.telemetry.series import EMPTY_SNAPSHOT, NodeIdentity, Snapshot
+from rackscope.histograms import HistogramRegistry, attach, merge
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +57,16 @@ GZIP_MIN_BYTES = 1024  # below this, compressing costs more than it saves
 GZIP_LEVEL = 1  # fast: metrics text compresses ~10x even at level 1
 SERVICE_NAME = "rackscope-agent"
 
-# The GenAI semantic conventions' bucket boundaries, whatever the runner asks for.
+# The GenAI bucket boundaries of the contract, whatever an SDK instrument of these names asks
+# for (the runner's own go through the pre-aggregated registry, with the same boundaries).
 HISTOGRAM_VIEWS = (
     View(
         instrument_name=contract.OPERATION_DURATION.otel_name,
         aggregation=ExplicitBucketHistogramAggregation(contract.OPERATION_DURATION_BUCKETS_S),
     ),
     View(
-        instrument_name=contract.TIME_TO_FIRST_TOKEN.otel_name,
-        aggregation=ExplicitBucketHistogramAggregation(contract.TTFT_BUCKETS_S),
+        instrument_name=contract.TIME_TO_FIRST_CHUNK.otel_name,
+        aggregation=ExplicitBucketHistogramAggregation(contract.TIME_TO_FIRST_CHUNK_BUCKETS_S),
     ),
     View(
         instrument_name=contract.TIME_PER_OUTPUT_TOKEN.otel_name,
@@ -107,6 +114,7 @@ class Telemetry:
         self._pull: PullReader | None = None
         self._exporter: CountingExporter | None = None
         self._meter: Meter | None = None
+        self._histograms = HistogramRegistry(WORKLOAD_SCOPE, self.identity.version)
         self._server: MetricsServer | None = None
         self._shut_down = False
 
@@ -117,19 +125,6 @@ class Telemetry:
         with self._start_lock:
             if self._provider is not None:
                 return
-            pull = PullReader()
-            readers: list[MetricReader] = [pull]
-            if self.otlp_enabled:
-                self._exporter = CountingExporter(
-                    build_otlp_exporter(self.settings, self._env), exporter_label(self.settings.otlp_protocol)
-                )
-                readers.append(
-                    PeriodicExportingMetricReader(
-                        self._exporter,
-                        export_interval_millis=self.settings.otlp_interval_s * 1000.0,
-                        export_timeout_millis=self.settings.otlp_timeout_s * 1000.0,
-                    )
-                )
             resource = Resource.create(
                 {
                     "service.name": SERVICE_NAME,
@@ -143,6 +138,22 @@ class Telemetry:
                     "service.instance.id": f"{self.identity.rack}/{self.identity.node}",
                 }
             )
+            registry = self._histograms
+            pull = PullReader(extend=lambda data: merge(data, registry, resource))
+            readers: list[MetricReader] = [pull]
+            if self.otlp_enabled:
+                self._exporter = CountingExporter(
+                    build_otlp_exporter(self.settings, self._env),
+                    exporter_label(self.settings.otlp_protocol),
+                    extend=lambda data: merge(data, registry, resource) or data,
+                )
+                readers.append(
+                    PeriodicExportingMetricReader(
+                        self._exporter,
+                        export_interval_millis=self.settings.otlp_interval_s * 1000.0,
+                        export_timeout_millis=self.settings.otlp_timeout_s * 1000.0,
+                    )
+                )
             provider = MeterProvider(
                 metric_readers=readers,
                 resource=resource,
@@ -160,8 +171,19 @@ class Telemetry:
                 )
                 log.info("exporting OTLP (%s) to %s", self.settings.otlp_protocol, self.otlp_url)
             self._meter = provider.get_meter(WORKLOAD_SCOPE, self.identity.version)
+            # The runner's latency histograms are aggregated in this registry rather than by
+            # the SDK (rackscope.histograms); both readers add them to every collection.
+            attach(self._meter, registry)
             self._pull = pull
             self._provider = provider
+
+    @property
+    def histograms(self) -> HistogramRegistry:
+        """The pre-aggregated histograms both export paths carry, in the workload scope: the
+        runner's GenAI latencies, and any other family a component adds (``family(...)``, then
+        ``cell(attributes).observe(v)`` or ``.set(...)`` for a histogram aggregated elsewhere)."""
+        self.start()
+        return self._histograms
 
     @property
     def meter_provider(self) -> MeterProvider:

@@ -119,11 +119,16 @@ IO_LINKS = (
     ("transmit", "pcie", "pcie_tx_bytes"),
     ("receive", "pcie", "pcie_rx_bytes"),
 )
-ERROR_TYPES = (
-    ("xid", "xid_errors"),
-    ("ecc_corrected", "ecc_corrected"),
-    ("ecc_uncorrected", "ecc_uncorrected"),
-    *NVLINK_ERROR_TYPES,
+# hw.errors series: their extra attributes (contract order) and the sample field each counts.
+# error.type follows the hardware conventions: "corrected" / "uncorrected" for ECC memory errors,
+# the error's own name for a link ("crc", "replay", "recovery", with link="nvlink"), and "xid"
+# for the driver's XID events (the XID code itself would make a series per code).
+NVLINK = "nvlink"
+ERROR_SERIES: tuple[tuple[tuple[tuple[str, str], ...], str], ...] = (
+    ((("error.type", "xid"),), "xid_errors"),
+    ((("error.type", "corrected"),), "ecc_corrected"),
+    ((("error.type", "uncorrected"),), "ecc_uncorrected"),
+    *(((("error.type", t), ("link", NVLINK)), f) for t, f in NVLINK_ERROR_TYPES),
 )
 
 GPU_SERIES: tuple[GpuSeries, ...] = (
@@ -137,7 +142,7 @@ GPU_SERIES: tuple[GpuSeries, ...] = (
         for d, link, f in IO_LINKS
     ),
     GpuSeries(contract.HW_TEMPERATURE, (), _field("temperature_c")),
-    *(GpuSeries(contract.HW_ERRORS, (("error.type", t),), _field(f)) for t, f in ERROR_TYPES),
+    *(GpuSeries(contract.HW_ERRORS, extra, _field(f)) for extra, f in ERROR_SERIES),
     GpuSeries(contract.GPU_POWER_LIMIT, (), _power_limit),
     GpuSeries(contract.GPU_SM_CLOCK, (), _sm_clock_hz),
     *(GpuSeries(contract.GPU_THROTTLE, (("reason", name),), _throttle(bit)) for bit, name in THROTTLE_REASONS.items()),

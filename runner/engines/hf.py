@@ -313,7 +313,7 @@ class HfEngine:
                     if job.cancelled:
                         continue
                     job.generated += 1
-                    job.post(FirstToken(t, 1) if first else Tokens(t, 1))
+                    job.post(FirstToken(t, 1, self._gpu) if first else Tokens(t, 1))
                     eos = not job.request.ignore_eos and int(next_ids[row]) in self._eos_ids
                     if eos or job.generated >= job.request.max_output_tokens:
                         job.post(Done(t, len(job.prompt_ids), job.generated, "engine", self._gpu))

@@ -13,8 +13,12 @@ What the LLM API gives us (TensorRT-LLM ``tensorrt_llm.LLM``):
   token ids.
 - ``get_stats(timeout)`` / ``get_stats_async(timeout)`` drain per-iteration runtime
   statistics (``kvCacheStats``, ``inflightBatchingStats``, ``numActiveRequests``...), as
-  dicts or JSON strings depending on the version. They need ``enable_iter_perf_stats=True``
-  on the PyTorch backend, which this engine sets unless told otherwise.
+  dicts or JSON strings depending on the version: the records ``trtllm-serve`` shows on its
+  JSON ``/metrics`` page. They need ``enable_iter_perf_stats=True`` on the PyTorch backend,
+  which this engine sets unless told otherwise. They feed the run's ``server`` view
+  (``ReportsIterationStats.iteration_reading``: running and queued requests, KV-cache usage,
+  drained about once a second while the run lasts, ``runner.server_view``), and
+  ``iteration_stats``, a fuller summary of one drain.
 """
 
 from __future__ import annotations
@@ -28,8 +32,17 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 from rackscope.clock import Clock, WallClock
-from rackscope.errors import EngineError, EngineUnavailable
-from rackscope.runner.engines.base import Done, EngineEvent, Failed, FirstToken, Request, Tokens
+from rackscope.engine_metrics.formats import Reading, read_iteration_records
+from rackscope.errors import EngineError, EngineUnavailable, PeerError
+from rackscope.runner.engines.base import (
+    Done,
+    EngineEvent,
+    Failed,
+    FirstToken,
+    ReportsIterationStats,
+    Request,
+    Tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +54,9 @@ INSTALL_HINT = (
 # weights are loaded (KvCacheConfig.free_gpu_memory_fraction).
 DEFAULT_KV_CACHE_FRACTION = 0.9
 DEFAULT_STATS_TIMEOUT_S = 2.0
+# A drain for the run's server view, once a second: short, so that the reading it stamps is
+# close to the moment its latest record stands for.
+READING_TIMEOUT_S = 0.25
 MS_PER_S = 1000.0
 
 
@@ -58,7 +74,7 @@ def import_tensorrt_llm() -> Any:
         raise EngineUnavailable(f"TensorRT-LLM is not usable here ({exc}); hint: {INSTALL_HINT}") from exc
 
 
-class TrtllmEngine:
+class TrtllmEngine(ReportsIterationStats):
     """TensorRT-LLM's LLM API, in process.
 
     ``module`` is the ``tensorrt_llm`` module to use; by default it is imported in
@@ -185,16 +201,32 @@ class TrtllmEngine:
 
         Not ``stats``: that name is the ``ReportsStats`` capability (a synchronous
         ``EngineStats``), which this engine does not offer."""
+        return summarize_iteration_stats(await self._drain_stats(timeout_s))
+
+    async def iteration_reading(self, timeout_s: float = READING_TIMEOUT_S) -> Reading | None:
+        """Drain the runtime's iteration statistics into a reading of its latest state, as
+        ``trtllm-serve``'s JSON page reads (None: no iteration since the last drain)."""
+        records = await self._drain_stats(timeout_s)
+        if not records:
+            return None
+        try:
+            return read_iteration_records(records, model=self.model, what="TensorRT-LLM")
+        except PeerError as exc:
+            raise EngineError(f"TensorRT-LLM reported statistics that cannot be read: {exc}") from exc
+
+    async def _drain_stats(self, timeout_s: float) -> list[Any]:
+        """The iteration-stat records gathered since the last drain, oldest first."""
         llm, _ = self._started()
-        records: list[Any]
+        if self.backend == "pytorch" and self.llm_kwargs.get("enable_iter_perf_stats") is False:
+            raise EngineError("TensorRT-LLM keeps no iteration statistics: enable_iter_perf_stats is off")
         try:
             if hasattr(llm, "get_stats_async"):
-                records = [record async for record in llm.get_stats_async(timeout=timeout_s)]
-            else:
-                records = list(await asyncio.to_thread(llm.get_stats, timeout_s))
+                return [record async for record in llm.get_stats_async(timeout=timeout_s)]
+            if hasattr(llm, "get_stats"):
+                return list(await asyncio.to_thread(llm.get_stats, timeout_s))
         except (RuntimeError, ValueError) as exc:
             raise EngineError(f"TensorRT-LLM could not report its statistics: {exc}") from exc
-        return summarize_iteration_stats(records)
+        raise EngineError("this TensorRT-LLM release has no get_stats to report statistics with")
 
 
 def _kv_cache_config(module: Any, fraction: float) -> Any:

@@ -19,6 +19,12 @@ The report (``ReportUtility.get_statistics_dict``): ``performance`` holds
 blocks have ``p50 p90 p95 p99 minimum maximum average`` in milliseconds (older releases lack
 ``p90``; none has p99.9). ``request_info`` has ``num_requests`` and the mean input/output
 lengths.
+
+No live token counts: the tool reports only when it exits, and its requests never pass
+through the run loop, so nothing of them reaches ``rackscope.tokens`` (or the latency
+histograms) while it runs, or after; its figures are in the run record alone. For live
+tokens/s on the dashboards, run TensorRT-LLM through the ``trtllm`` engine (in process,
+streaming) or behind ``trtllm-serve`` with the ``openai`` engine.
 """
 
 from __future__ import annotations

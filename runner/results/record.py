@@ -104,6 +104,8 @@ class RunResult:
     limits: Limits | None = None
     sweep: bool = False
     error: str | None = None
+    # The server's own view of the run (runner.server_view), for runs that read its metrics page.
+    server: JsonDict | None = None
 
     @property
     def complete(self) -> bool:
@@ -175,6 +177,7 @@ class RunResult:
             "per_node": per_node,
             "timeseries": timeseries(whole),
             "points": points,
+            "server": self.server,
             "requests_file": requests_file,
             "requests_digest": requests_digest.to_json() if requests_digest is not None else None,
         }

@@ -214,3 +214,106 @@ def test_dockerfile_builds_the_agent_image_from_python_slim() -> None:
     assert {"rackscope", "pyproject.toml", *linked} <= set(copied)
 
 
+
+
+# --- every rackscope command in the file, through the real command-line parsers -------------------
+IMAGE = "rackscope-agent:0.1.0"
+_DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def substituted(value: str, env: dict[str, str]) -> str:
+    """``${NAME:-default}`` as compose fills it in from ``env``."""
+    return _DEFAULTED.sub(lambda m: env.get(m.group(1)) or m.group(2), value)
+
+
+def rackscope_services() -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in compose()["services"].items() if s["image"] == IMAGE}
+
+
+def parsed(service: dict[str, Any]) -> Any:
+    """The service's command as ``rackscope`` parses and checks it, with its compose environment."""
+    from rackscope.cli import build_parser
+
+    env = {k: substituted(str(v), {}) for k, v in (service.get("environment") or {}).items()}
+    argv = [substituted(str(word), {}) for word in service["command"]]
+    args = build_parser().parse_args(argv)  # exits 2 on a flag the command does not have
+    if args.command == "agent":
+        from rackscope.agent.cli import settings_from_args
+
+        return settings_from_args(args, env=env)
+    if args.command == "run":
+        from rackscope.runner.cli import config_from_args
+
+        return config_from_args(args, env=env)
+    return args
+
+
+def test_every_rackscope_command_parses_with_the_real_command_line() -> None:
+    services = rackscope_services()
+    assert {"serve-sim", "loadgen", "engine-node", "agent-gpu"} | set(agent_services()) == set(services)
+    for name, service in services.items():
+        result = parsed(service)
+        assert result is not None, name
+
+
+def test_every_published_port_is_on_loopback_and_used_once() -> None:
+    published = []
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            host_ip, host_port, container_port = str(port).split(":")
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond this host"
+            published.append((int(host_port), name))
+            assert container_port.isdigit()
+    ports = [p for p, _ in published]
+    assert len(ports) == len(set(ports)), sorted(published)
+
+
+def test_only_the_gpu_agent_needs_a_profile() -> None:
+    profiles = {name: s.get("profiles") for name, s in compose()["services"].items() if s.get("profiles")}
+    assert profiles == {"agent-gpu": ["gpu"]}  # the demo, serve-sim and its node start with `up`
+
+
+def test_the_engine_node_reads_the_served_page_while_loadgen_keeps_it_busy() -> None:
+    services = compose()["services"]
+    server = parsed(services["serve-sim"])
+    assert (server.host, server.gpu_model, server.gpus) == ("0.0.0.0", "gb300", 4)
+    assert server.gpus >= 1 and 0 < server.port < 65536
+    assert services["serve-sim"]["ports"] == [f"127.0.0.1:{server.port}:{server.port}"]
+    assert f"127.0.0.1:{server.port}/health" in " ".join(services["serve-sim"]["healthcheck"]["test"])
+    page = f"http://serve-sim:{server.port}/metrics"
+
+    node = parsed(services["engine-node"])
+    assert node.engine_metrics_url == page
+    assert node.engine_metrics_format is None  # told apart from the page itself
+    assert services["engine-node"]["depends_on"]["serve-sim"] == {"condition": "service_healthy"}
+    assert services["engine-node"]["depends_on"]["otel-collector"] == {"condition": "service_started"}
+    assert (node.rack, node.node, node.otlp_endpoint) == ("serving", "s01", "http://otel-collector:4318")
+    # Kept out of the simulated rack: r1's totals, medians and alerts are its 18 nodes' alone.
+    assert node.rack not in {flags(s["command"])["--rack"] for s in agent_services().values()}
+
+    run = parsed(services["loadgen"])
+    assert (run.engine, run.url, run.scenario) == ("openai", f"http://serve-sim:{server.port}", "concurrency")
+    assert run.duration_s is not None and run.concurrency is not None
+    assert (run.rack, run.node) == (node.rack, node.node)
+    # It reads the same page into its own record (the default: the server's origin + /metrics).
+    from rackscope.runner.server_view import page_url
+
+    assert page_url(run) == page
+    # And exports nothing: the client's tokens would otherwise join the dashboards' totals.
+    assert "--otlp-endpoint" not in services["loadgen"]["command"]
+    assert services["loadgen"]["depends_on"] == {"serve-sim": {"condition": "service_healthy"}}
+    assert f"serve-sim:{server.port}/health" in " ".join(services["loadgen"]["healthcheck"]["test"])
+    # The direct-scrape variant scrapes the engine node too.
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in load("prometheus-direct.yml")["scrape_configs"]}
+    assert jobs["rackscope-engine-node"] == ["engine-node:9464"]
+
+
+def test_a_command_with_a_bad_engine_page_is_refused() -> None:
+    # The checks above would catch a mistyped page: the agent's own settings refuse it.
+    from rackscope.errors import ConfigError
+
+    service = dict(compose()["services"]["engine-node"])
+    service["command"] = [w if w != "http://serve-sim:8000/metrics" else "serve-sim:8000/metrics"
+                          for w in service["command"]]
+    with pytest.raises(ConfigError, match="--engine-metrics must be an http"):
+        parsed(service)

@@ -126,7 +126,7 @@ def test_required_panels_present() -> None:
         "Rack output tokens/s", "Rack output tokens/s vs baseline", "Tokens/s per GPU",
         "Node throughput vs rack median",
         "Rack GPU power", "Tokens per joule", "Tokens per joule per node", "GPU energy in range",
-        "NVLink traffic per GPU", "HBM used per GPU", "Time to first token", "Inter-token latency",
+        "NVLink traffic per GPU", "HBM used per GPU", "Time to first token", "Time per output token",
         "Requests/s by outcome", "Request error ratio", "Throttled GPUs by reason", "Firing alerts",
     } <= titles["rack-overview.json"]
     assert {

@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 import pytest
 
+from rackscope import contract
 from rackscope.dashboards import names, rules
 from tests import helpers
 from tests.dashboards import grafana_json as gj
@@ -357,6 +358,31 @@ def test_every_dashboard_query_returns_data(rack: Rack) -> None:
     assert empty == [], "panels without data:\n" + "\n".join(empty)
 
 
+def test_renamed_histograms_are_recorded_under_their_old_names(rack: Rack) -> None:
+    """The agents' latency histograms (aggregated in the agent, scraped from /metrics) carry the
+    GenAI attributes, and the compatibility rules give the old series names the same values."""
+    for old, metric in contract.RENAMED_HISTOGRAMS:
+        old_count, new_count = f"{old}_count", f"{metric.prom_name}_count"
+        at = rack.value(f"max(timestamp({old_count}))")  # the rules' last evaluation
+        copied = {_labels(s): float(s["value"][1]) for s in rack.query(old_count, at)}
+        # What the rule read: a sample of the new series from just before it ran (a scrape that
+        # started before the evaluation may have landed after it, hence a few recent samples).
+        recent = {_labels(s): {float(v) for _, v in s["values"]} for s in rack.query(f"{new_count}[5s]", at)}
+        assert set(copied) == set(recent)
+        assert {node for labels in copied for k, node in labels if k == "node"} == set(NODES)
+        assert all(value in recent[labels] for labels, value in copied.items())
+        assert all(v > 0 for v in copied.values())
+        for labels in copied:
+            label = dict(labels)
+            assert label["gen_ai_operation_name"] == "text_completion"
+            assert label["gen_ai_provider_name"] == "rackscope.sim"
+            assert label["gen_ai_request_model"] == label["model"]
+
+
+def _labels(sample: dict[str, Any]) -> frozenset[tuple[str, str]]:
+    return frozenset((k, v) for k, v in sample["metric"].items() if k != "__name__")
+
+
 NVLINK_GPU = "2"  # the GPU of FAULTY_NODE whose NVLink is degraded last, by the test below
 
 
@@ -379,7 +405,6 @@ def test_a_degraded_nvlink_fires_the_nvlink_alert_for_that_gpu_only(rack: Rack) 
         return rack.query(f"increase({names.ERRORS}{{{names.NVLINK_ERRORS}}}[10s]) > 0")
 
     wait_for("every NVLink error type growing",
-             lambda: {s["metric"][names.ERROR_TYPE] for s in growing()} == {"nvlink_crc", "nvlink_replay",
-                                                                           "nvlink_recovery"},
+             lambda: {s["metric"][names.ERROR_TYPE] for s in growing()} == {"crc", "replay", "recovery"},
              timeout_s=20)
     assert {(s["metric"]["node"], s["metric"]["gpu"]) for s in growing()} == {(FAULTY_NODE, NVLINK_GPU)}

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from rackscope import contract
 from rackscope.dashboards import names, rules
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,8 +67,10 @@ def test_alerts_carry_severity_summary_description_runbook() -> None:
 
 def test_recording_rules_are_the_names_dashboards_query() -> None:
     doc = yaml.safe_load((RULES_DIR / rules.RULES_FILE).read_text())
-    recorded = [r["record"] for g in doc["groups"] for r in g["rules"] if "record" in r]
-    assert tuple(recorded) == names.RECORDED
+    by_group = {g["name"]: [r["record"] for r in g["rules"] if "record" in r] for g in doc["groups"]}
+    assert tuple(by_group["rackscope.recording"]) == names.RECORDED
+    assert tuple(by_group["rackscope.compat"]) == names.COMPAT_RECORDED
+    assert by_group["rackscope.alerts"] == []
     baselines = yaml.safe_load((RULES_DIR / rules.BASELINES_FILE).read_text())
     assert {r["record"] for g in baselines["groups"] for r in g["rules"]} == {
         names.RACK_BASELINE_TPS, names.RACK_BASELINE_TPJ}
@@ -88,4 +91,22 @@ def test_fast_variant_has_the_same_rules_with_second_windows(tmp_path: Path) -> 
     path.write_text(rules.to_yaml({"groups": fast["groups"] + baselines["groups"]}))
     result = promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 26 rules found" in result.stdout
+    assert "SUCCESS: 32 rules found" in result.stdout
+
+
+def test_renamed_histograms_keep_their_old_series_names() -> None:
+    doc = yaml.safe_load((RULES_DIR / rules.RULES_FILE).read_text())
+    (compat,) = [g["rules"] for g in doc["groups"] if g["name"] == "rackscope.compat"]
+    ttft, tpot = "gen_ai_client_operation_time_to_first_chunk_seconds", "rackscope_time_per_output_token_seconds"
+    assert {r["record"]: r["expr"] for r in compat} == {
+        "gen_ai_server_time_to_first_token_seconds_bucket": f"{ttft}_bucket",
+        "gen_ai_server_time_to_first_token_seconds_sum": f"{ttft}_sum",
+        "gen_ai_server_time_to_first_token_seconds_count": f"{ttft}_count",
+        "gen_ai_server_time_per_output_token_seconds_bucket": f"{tpot}_bucket",
+        "gen_ai_server_time_per_output_token_seconds_sum": f"{tpot}_sum",
+        "gen_ai_server_time_per_output_token_seconds_count": f"{tpot}_count",
+    }
+    # Nothing the agent exports now has an old name: the rules are the only source of those series.
+    assert not {r["record"] for r in compat} & {
+        m.prom_name + suffix for m in contract.ALL_METRICS for suffix in ("", "_bucket", "_sum", "_count")
+    }

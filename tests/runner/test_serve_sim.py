@@ -4,7 +4,9 @@ and a real HTTP client, plus the ``rackscope serve-sim`` command in a subprocess
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import re
 import signal
 import subprocess
@@ -251,7 +253,7 @@ async def test_metrics(served: Served) -> None:
 
 async def test_metrics_in_vllm_format(served: Served) -> None:
     """The engine's state under vLLM's names, read by the agent's vLLM reader."""
-    from rackscope.agent.engine_metrics import EngineFormat, ModelReading, read_page
+    from rackscope.engine_metrics import EngineFormat, ModelReading, read_page
 
     for n in (3, 5):
         status, _ = await served.post("/v1/completions", {"model": MODEL, "prompt": "x" * 40, "max_tokens": n})
@@ -259,9 +261,11 @@ async def test_metrics_in_vllm_format(served: Served) -> None:
     async with served.session.get(served.url + "/metrics") as resp:
         reading = read_page(await resp.read(), content_type=resp.headers["Content-Type"])
     assert reading.format is EngineFormat.VLLM
-    assert reading.models == (
-        ModelReading(MODEL, running=0.0, waiting=0.0, kv_cache_usage=0.0, input_tokens=20.0, output_tokens=8.0),
-    )
+    (idle,) = reading.models
+    assert dataclasses.replace(idle, ttft_s=None, itl_s=None) == ModelReading(
+        MODEL, running=0.0, waiting=0.0, kv_cache_usage=0.0, input_tokens=20.0, output_tokens=8.0)
+    assert idle.ttft_s is not None and idle.itl_s is not None
+    assert (idle.ttft_s.count, idle.itl_s.count) == (2, 2 + 4)
     body = {"model": MODEL, "prompt": "x" * 4000, "max_tokens": 400}
     tasks = [asyncio.create_task(served.post("/v1/completions", body)) for _ in range(10)]
     try:
@@ -278,6 +282,33 @@ async def test_metrics_in_vllm_format(served: Served) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_metrics_carry_vllm_latency_histograms_timed_as_the_server_sees_them(served: Served) -> None:
+    from rackscope.engine_metrics import read_page
+    from rackscope.runner.serve_sim import VLLM_ITL_BUCKETS_S, VLLM_TTFT_BUCKETS_S
+
+    streamed, whole = 30, 9
+    payloads, _ = await served.sse("/v1/completions", {"model": MODEL, "prompt": "x" * 400, "max_tokens": streamed,
+                                                       "stream": True})
+    assert payloads[-1] == "[DONE]"
+    status, _ = await served.post("/v1/completions", {"model": MODEL, "prompt": "x" * 400, "max_tokens": whole})
+    assert status == 200
+    async with served.session.get(served.url + "/metrics") as resp:
+        text = await resp.text()
+    assert "# TYPE vllm:time_to_first_token_seconds histogram" in text
+    assert 'vllm:inter_token_latency_seconds_bucket{engine="0",le="0.01",model_name="llama2-70b"}' in text
+    (m,) = read_page(text.encode()).models
+    assert m.ttft_s is not None and m.itl_s is not None
+    assert m.ttft_s.bounds == (*VLLM_TTFT_BUCKETS_S, math.inf)
+    assert m.itl_s.bounds == (*VLLM_ITL_BUCKETS_S, math.inf)
+    assert m.ttft_s.count == 2  # one first token per request
+    assert m.itl_s.count == (streamed - 1) + (whole - 1)  # one gap per later token, streamed or not
+    # One decode step per token on an otherwise idle GPU: the gaps are the step time (the wall
+    # clock may add a little on a busy machine, never take any away).
+    step_s = served.engine.deployment(0).step_s(1, 0)
+    assert 0.9 * step_s <= m.itl_s.sum / m.itl_s.count <= 3 * step_s
+    assert m.ttft_s.sum >= 2 * 0.9 * step_s  # a prefill step at least, for each
 
 
 async def test_kv_usage_shows_while_requests_run(served: Served) -> None:

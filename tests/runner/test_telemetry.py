@@ -67,7 +67,7 @@ def test_requests_tokens_and_histograms(reader: tuple[InMemoryMetricReader, Mete
 
     for metric_def, buckets, value in (
         (contract.OPERATION_DURATION, contract.OPERATION_DURATION_BUCKETS_S, 1.25),
-        (contract.TIME_TO_FIRST_TOKEN, contract.TTFT_BUCKETS_S, 0.25),
+        (contract.TIME_TO_FIRST_CHUNK, contract.TIME_TO_FIRST_CHUNK_BUCKETS_S, 0.25),
         (contract.TIME_PER_OUTPUT_TOKEN, contract.TPOT_BUCKETS_S, 0.1),
     ):
         hist = m[metric_def.otel_name]
@@ -76,8 +76,13 @@ def test_requests_tokens_and_histograms(reader: tuple[InMemoryMetricReader, Mete
         assert tuple(point.explicit_bounds) == buckets
         assert point.count == 2
         assert point.sum == pytest.approx(2 * value)
-        assert set(point.attributes) == set(contract.WORKLOAD_ATTRS)
-        assert point.attributes["gpu"] == "2"
+        # The GenAI conventions' required attributes, beside the workload identity.
+        assert dict(point.attributes) == {
+            "rack": "r9", "node": "n07", "gpu": "2", "model": "llama2-70b", "engine": "sim",
+            "gen_ai.operation.name": "text_completion", "gen_ai.provider.name": "rackscope.sim",
+            "gen_ai.request.model": "llama2-70b",
+        }
+        assert set(point.attributes) == set(contract.GENAI_WORKLOAD_ATTRS)
 
 
 def test_run_info_while_active_only(reader: tuple[InMemoryMetricReader, MeterProvider]) -> None:
@@ -128,3 +133,32 @@ def test_counters_are_cumulative_across_runs_on_one_meter(reader: tuple[InMemory
     assert requests == {("0", "ok"): 2, ("1", "ok"): 1}  # no zero series for outcomes never seen
     counts = {p.attributes["gpu"]: (p.count, p.sum) for p in points(m[contract.OPERATION_DURATION.otel_name])}
     assert counts == {"0": (2, pytest.approx(2.5)), "1": (1, pytest.approx(1.25))}
+
+
+@pytest.mark.parametrize(
+    ("engine", "api", "operation", "provider"),
+    [
+        ("openai", "chat", "chat", "openai_compatible"),
+        ("openai", "completions", "text_completion", "openai_compatible"),
+        ("openai", None, "text_completion", "openai_compatible"),
+        ("trtllm", None, "text_completion", "tensorrt_llm"),
+        ("hf", "chat", "text_completion", "transformers"),  # the API setting concerns the openai engine only
+        ("sim", None, "text_completion", "rackscope.sim"),
+        ("my-engine", None, "text_completion", "my-engine"),
+    ],
+)
+def test_operation_and_provider_follow_the_engine_and_its_api(
+    reader: tuple[InMemoryMetricReader, MeterProvider], engine: str, api: str | None, operation: str, provider: str
+) -> None:
+    r, p = reader
+    t = WorkloadTelemetry(p.get_meter("test"), rack="r1", node="n01", model="m", engine=engine, api=api)
+    t.record(rec("a", gpu=None))
+    m = metrics_by_name(r)
+    for metric_def in (contract.OPERATION_DURATION, contract.TIME_TO_FIRST_CHUNK, contract.TIME_PER_OUTPUT_TOKEN):
+        (point,) = points(m[metric_def.otel_name])
+        assert point.attributes["gen_ai.operation.name"] == operation
+        assert point.attributes["gen_ai.provider.name"] == provider
+        assert point.attributes["gen_ai.request.model"] == "m"
+    # The counters keep their own attributes: no series of theirs changes.
+    (tokens,) = [pt for pt in points(m[contract.TOKENS.otel_name]) if pt.attributes["gen_ai.token.type"] == "output"]
+    assert set(tokens.attributes) == {*contract.WORKLOAD_ATTRS, "gen_ai.token.type"}

@@ -18,15 +18,25 @@ The package, from the socket up:
 - ``sse``: the general path: events out of the body (a partial one buffered in linear time
   up to ``MAX_EVENT_BYTES``), each vouched for by its shape or decoded, before its content
   chunks count (``bytes.count`` on ``"text":"`` / ``"content":"``).
-- ``sinks``: where counts go. ``record()`` appends arrival times from ``data_received`` with a
-  C-level ``list.append`` and wakes its task once per request; ``stream()`` gets one
-  ``Tokens`` event per content-bearing read, not one per token.
+- ``sinks``: where counts go. ``record()`` appends arrival times from ``data_received`` to an
+  array of doubles (no Python object kept per token) and wakes its task once per request;
+  ``stream()`` gets one ``Tokens`` event per content-bearing read, not one per token.
 - ``engine``: ``OpenAIEngine``, the connection pool (``prewarm(n)`` opens connections ahead of
   a burst) and one watchdog timer for silence and deadlines.
 
 Run it on uvloop (``runner.workers.new_event_loop``): about half the CPU per token of
-asyncio's own loop. ``benchmarks/loadgen.py`` measures it against aiohttp + orjson, and
-against another revision of the code (``--baseline-tree``).
+asyncio's own loop; ``runner.workers.run_client`` also keeps the garbage collector's pauses
+off the timestamps (``rackscope run`` and every worker process run that way).
+``benchmarks/loadgen.py`` measures it against aiohttp + orjson, whole processes included,
+against another revision of the code (``--baseline-tree``), and against a server on a fixed
+schedule (its lockstep section).
+
+Timing: a request starts when its bytes are handed to the transport (``record()``'s
+``start_s``, taken just before the write, not when its task was scheduled), a token arrives
+when ``data_received`` is called with it (the first thing done there), so the client's own
+queueing stays out of TTFT and ITL. While requests run, ``live_output_tokens()`` says how many
+tokens those in flight through ``record()`` have received (``CountsLiveTokens``), for
+telemetry that follows tokens as they stream.
 
 Counting rules: output tokens come from the server's final ``usage`` chunk when it sends
 one (``output_tokens_method="usage"``), else from counted content chunks (``"counted"``,

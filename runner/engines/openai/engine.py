@@ -209,8 +209,27 @@ class OpenAIEngine:
                 # The consumer stopped early or was cancelled: the response is unread.
                 conn.abort("cancelled", "stream closed by the consumer")
 
+    def live_output_tokens(self) -> dict[int | None, int]:
+        """Content chunks received so far by the requests in flight through ``record``
+        (``CountsLiveTokens``), all under ``None`` (a server does not say which GPU): the
+        length of each one's arrival array, summed. Safe to call from another thread while the
+        loop runs; a request leaves the sum when its response ends, before ``record`` returns it."""
+        try:
+            conns = tuple(self._pool.active)  # one C-level copy: no Python code runs meanwhile
+        except RuntimeError:  # the set changed under a copy from another thread: next time
+            return {}
+        total = 0
+        for conn in conns:
+            arrivals = conn.arrivals
+            if arrivals is not None and not conn.ended:
+                total += len(arrivals)
+        return {None: total} if total else {}
+
     async def record(self, request: Request) -> RequestRecord:
-        """Run one request into a ``RequestRecord`` (the lean path the load generator uses)."""
+        """Run one request into a ``RequestRecord`` (the lean path the load generator uses).
+
+        ``start_s`` is when the request's bytes were handed to the transport (a request that
+        fails before that keeps the time ``record`` was called)."""
         rec = RequestRecord(
             request_id=request.request_id,
             start_s=_now(),

@@ -23,7 +23,7 @@ import orjson
 _loads = orjson.loads
 
 # What a JSON string can only hold escaped: the quote, the backslash, control characters.
-_NEEDS_ESCAPE = b'"\\' + bytes(range(0x20))
+NEEDS_ESCAPE = b'"\\' + bytes(range(0x20))
 
 # The start of a read that is one chunk holding one event, by the read's length: the size line
 # servers write (lowercase hex, no leading zeros, no extensions) and "data: ". Filled as
@@ -67,7 +67,7 @@ def reasoning_chunks(data: bytes) -> int:
     return n
 
 
-def _utf8(body: bytes) -> bool:
+def utf8(body: bytes) -> bool:
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
@@ -107,7 +107,7 @@ class ContentShape:
             # The tail is never empty (it starts with the closing quote); when head and tail
             # overlap the body is empty, which is no content and goes the long way.
             body = payload[self.head_len : -self.tail_len]
-            return bool(body) and body.translate(None, _NEEDS_ESCAPE) == body and (body.isascii() or _utf8(body))
+            return bool(body) and body.translate(None, NEEDS_ESCAPE) == body and (body.isascii() or utf8(body))
         return False
 
     def learn(self, payload: bytes) -> None:
@@ -132,22 +132,26 @@ class ContentShape:
     def count_read(self, data: bytes) -> int:
         """Content chunks in ``data`` when it is whole chunks of content events this can vouch
         for, else 0. The caller has checked that ``data`` ends with a blank line and CRLF."""
-        # One chunk holding one content event of the shape, the usual read.
-        prefix = self.prefixes.get(len(data))
-        if prefix and data.startswith(prefix) and data.endswith(self.shape_end):
-            body = data[len(prefix) : -self.end_len]
-            # The body is empty when head and tail overlap: no content, the long way.
-            if body and body.translate(None, _NEEDS_ESCAPE) == body and (body.isascii() or _utf8(body)):
-                return 1
-        head = _ONE_CHUNK_HEADS.get(len(data))
+        n = len(data)
+        head = _ONE_CHUNK_HEADS.get(n)
         if head is None:
-            head = _one_chunk_head(len(data))
+            head = _one_chunk_head(n)
         if not (head and data.startswith(head)):
             return self._chunks(data)
-        count = self._decoded(data[len(head) : -4])
-        if self.shape_head and prefix is None:
-            self.prefixes[len(data)] = head + self.shape_head
-        return count
+        # One chunk holding one event. Of the shape, it needs no decoding; its length's prefix
+        # (size line, "data: ", the shape's head) is kept for the connection's inline check.
+        if self.shape_head:
+            prefix = self.prefixes.get(n)
+            if prefix is None:
+                if len(self.prefixes) >= _MAX_CACHED_HEADS:
+                    self.prefixes.clear()
+                prefix = self.prefixes[n] = head + self.shape_head
+            if data.startswith(prefix) and data.endswith(self.shape_end):
+                body = data[len(prefix) : n - self.end_len]
+                # The body is empty when head and tail overlap: no content, the long way.
+                if body and body.translate(None, NEEDS_ESCAPE) == body and (body.isascii() or utf8(body)):
+                    return 1
+        return self._decoded(data[len(head) : -4])
 
     def _chunks(self, data: bytes) -> int:
         parts = data.split(b"\r\n")  # size, event, size, event, ..., b"" when all CRLFs are framing
@@ -167,7 +171,7 @@ class ContentShape:
                     return 0
                 if shape and event.startswith(event_head) and event.endswith(event_tail):
                     body = event[cut]
-                    if body and body.translate(None, _NEEDS_ESCAPE) == body and (body.isascii() or _utf8(body)):
+                    if body and body.translate(None, NEEDS_ESCAPE) == body and (body.isascii() or utf8(body)):
                         total += 1
                         continue
                 if not (event.startswith(b"data: ") and event.endswith(b"\n\n")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from array import array
 from operator import sub
 
 from rackscope.runner.engines.base import Done, EngineEvent, Failed, Tokens
@@ -13,6 +14,9 @@ class Sink:
     """Receives one exchange's outcome; the connection calls these from ``data_received``."""
 
     __slots__ = ()
+
+    def sent(self, t: float) -> None:
+        """The request's bytes were handed to the transport at ``t``."""
 
     def tokens(self, t: float, count: int) -> None:
         raise NotImplementedError
@@ -28,8 +32,12 @@ class RecordSink(Sink):
     """Fills a ``RequestRecord``; wakes its task once, at the end.
 
     Arrival times are not passed through this object: the connection appends them to
-    ``arrivals`` itself (a C-level ``list.append`` per read), and ``done`` turns them into
-    the first-token time and the gaps.
+    ``arrivals`` itself (one C-level append per read), and ``done`` turns them into the
+    first-token time and the gaps. ``arrivals`` is an array of doubles, so a stream keeps no
+    Python object per token while it runs (and gives the garbage collector nothing to walk);
+    its length is the tokens counted so far, which ``OpenAIEngine.live_output_tokens`` reads.
+    The record's start is when the request was handed to the transport (``sent``), not when
+    its task was scheduled.
     """
 
     __slots__ = ("arrivals", "fut", "rec")
@@ -37,7 +45,10 @@ class RecordSink(Sink):
     def __init__(self, rec: RequestRecord, fut: asyncio.Future[None]) -> None:
         self.rec = rec
         self.fut = fut
-        self.arrivals: list[float] = []
+        self.arrivals = array("d")
+
+    def sent(self, t: float) -> None:
+        self.rec.start_s = t
 
     def tokens(self, t: float, count: int) -> None:
         self.arrivals.extend([t] * count)

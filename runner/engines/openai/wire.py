@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from array import array
 from collections import Counter
 from typing import cast
 
 import orjson
 
+from rackscope.runner.engines.openai.fastpath import NEEDS_ESCAPE, utf8
 from rackscope.runner.engines.openai.sinks import BodySink, RecordSink, Sink
 from rackscope.runner.engines.openai.sse import EventDecoder, MalformedStream, ServerErrorEvent, reason_from_body
 
@@ -76,13 +78,13 @@ class Conn(asyncio.Protocol):
         self.cbuf = b""  # an incomplete chunk-size line or trailer
         self.body: list[bytes] = []  # error bodies and non-SSE bodies
         self.body_len = 0
-        self.counted = 0
+        self.counted = 0  # content chunks counted (stream mode; in record mode: len(arrivals))
         self.api_chat = api_chat
         self.sse = EventDecoder(api_chat)
         self.shape = self.sse.shape  # for the fast path, one attribute away
         self.ended = False
         self.fast = False  # at a chunk boundary of an event stream, nothing carried over
-        self.arrivals: list[float] | None = None  # record mode: arrival times, appended here
+        self.arrivals: array[float] | None = None  # record mode: arrival times, appended here
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -106,24 +108,40 @@ class Conn(asyncio.Protocol):
             self._fail(t, "protocol", f"server closed the connection mid-response{why}")
 
     def data_received(self, data: bytes) -> None:
+        # The arrival time first: nothing the client does with the bytes counts against them.
         t = _now()
         self.last_io_s = t
         # Fast path, the steady state of a stream: the read is whole HTTP chunks of one-line
         # content events, which ``ContentShape`` vouches for (see ``fastpath``). Anything else
         # (usage, errors, reasoning, the last chunk, a split event) takes the general path.
-        if self.fast and data.endswith(b"\n\n\r\n"):
-            count = self.shape.count_read(data)
-            if count > 0:
-                self.counted += count
-                arr = self.arrivals
-                if arr is None:
-                    assert self.sink is not None
-                    self.sink.tokens(t, count)
-                elif count == 1:
-                    arr.append(t)
-                else:
-                    arr.extend([t] * count)
-                return
+        if self.fast:
+            # The usual read, one chunk holding one event of the response's shape, checked
+            # inline (a Python call costs as much as the checks): its size line, "data: " and
+            # the shape's head in one startswith, the shape's tail and the chunk's end in one
+            # endswith, and a content string that needs no escape and is valid UTF-8.
+            shape = self.shape
+            n = len(data)
+            prefix = shape.prefixes.get(n)
+            if prefix is not None and data.startswith(prefix) and data.endswith(shape.shape_end):
+                body = data[len(prefix) : n - shape.end_len]
+                if body and body.translate(None, NEEDS_ESCAPE) == body and (body.isascii() or utf8(body)):
+                    arr = self.arrivals
+                    if arr is not None:
+                        arr.append(t)
+                    else:
+                        self._emit(t, 1)
+                    return
+            if data.endswith(b"\n\n\r\n"):
+                count = shape.count_read(data)
+                if count > 0:
+                    arr = self.arrivals
+                    if arr is None:
+                        self._emit(t, count)
+                    elif count == 1:
+                        arr.append(t)
+                    else:
+                        arr.extend([t] * count)
+                    return
         self._general(data, t)
 
     def _general(self, data: bytes, t: float) -> None:
@@ -350,13 +368,18 @@ class Conn(asyncio.Protocol):
             self._emit(t, count)
 
     def _emit(self, t: float, count: int) -> None:
-        self.counted += count
         arr = self.arrivals
         if arr is not None:
             arr.extend([t] * count)
         else:
+            self.counted += count
             assert self.sink is not None
             self.sink.tokens(t, count)
+
+    def tokens_counted(self) -> int:
+        """Content chunks counted so far in the exchange in flight."""
+        arr = self.arrivals
+        return len(arr) if arr is not None else self.counted
 
     # -- ends -----------------------------------------------------------------------------
 
@@ -396,7 +419,7 @@ class Conn(asyncio.Protocol):
         if count > 0:
             self._emit(t, count)
         self._end()
-        sink.done(t, self.sse.usage_out, self.sse.usage_in, self.counted)
+        sink.done(t, self.sse.usage_out, self.sse.usage_in, self.tokens_counted())
         self._release()
 
     def _plain_json_done(self, sink: Sink, t: float) -> None:
@@ -429,7 +452,7 @@ class Conn(asyncio.Protocol):
         if malformed:
             self.counted = 0
             if self.arrivals:
-                self.arrivals.clear()
+                del self.arrivals[:]
         if keep:
             self._release()
         else:
@@ -438,7 +461,7 @@ class Conn(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
         if sink is not None:
-            sink.failed(t, error_type, message, self.counted)
+            sink.failed(t, error_type, message, self.tokens_counted())
 
     def _release(self) -> None:
         self.sink = None
@@ -466,8 +489,13 @@ class Conn(asyncio.Protocol):
         self.sink = sink
         if isinstance(sink, RecordSink):
             self.arrivals = sink.arrivals
-        self.last_io_s = _now()
         self.deadline_s = deadline_s
         self.pool.active.add(self)
         assert self.transport is not None
+        # The request starts where its bytes go out: taken here, not where its task was
+        # scheduled, so a burst of requests does not charge the later ones for the earlier ones'
+        # sending. The write itself (a send on the socket, on uvloop) counts as part of it.
+        t = _now()
+        self.last_io_s = t
+        sink.sent(t)
         self.transport.write(payload)

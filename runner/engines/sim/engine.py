@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from rackscope.clock import Clock, VirtualClock
 from rackscope.errors import EngineError, EngineUnavailable
 from rackscope.runner.engines.base import (
+    CountsLiveTokens,
     Done,
     EngineEvent,
     EngineStats,
@@ -44,7 +45,9 @@ CHARS_PER_TOKEN = 4  # prompt length estimate when only text is given
 TIMER_SLACK_S = 1e-6  # wall clock: asyncio may fire a timer up to its clock resolution early
 
 
-class SimEngine(BatchScheduler, SubmitsCallbacks, VirtualTime, ReportsStats, HintsInflight, Slowable, HasGpus):
+class SimEngine(
+    BatchScheduler, SubmitsCallbacks, CountsLiveTokens, VirtualTime, ReportsStats, HintsInflight, Slowable, HasGpus
+):
     """Continuous batching on simulated GPUs, one iteration loop per GPU, one shared queue.
 
     Each request is served by one GPU (``Done.gpu``). Requests go to whichever GPU next has
@@ -221,6 +224,11 @@ class SimEngine(BatchScheduler, SubmitsCallbacks, VirtualTime, ReportsStats, Hin
                 assert self._loop is not None
                 self._loop.call_soon(self._guarded, self._kick)
         return job
+
+    def live_output_tokens(self) -> dict[int | None, int]:
+        """Output tokens generated so far by the requests decoding on each GPU: one stored
+        figure per GPU, updated with every change, so a collector thread reads it safely."""
+        return {w.gpu.index: live for w in self._workers if (live := w.live) > 0}
 
     def stats(self) -> EngineStats:
         gpus = tuple(

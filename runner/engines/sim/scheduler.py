@@ -24,8 +24,8 @@ class GpuWorker:
     """The iteration loop of one GPU."""
 
     __slots__ = (
-        "buckets", "dead", "deploy", "gpu", "idle", "input_tokens", "kv_capacity",
-        "kv_reserved", "kv_used", "max_batch", "output_tokens", "prefill", "prefill_tokens", "requests_done",
+        "buckets", "dead", "deploy", "first_steps", "gpu", "idle", "input_tokens", "kv_capacity",
+        "kv_reserved", "kv_used", "live", "max_batch", "output_tokens", "prefill", "prefill_tokens", "requests_done",
         "requests_failed", "running", "seq", "step_decode", "steps_done", "steps_started", "streaming",
         "warm_first",
     )
@@ -38,6 +38,12 @@ class GpuWorker:
         self.kv_reserved = 0  # tokens promised to admitted requests
         self.kv_used = 0  # tokens actually written
         self.running = 0
+        # Tokens generated so far by the requests decoding here, for live telemetry: running
+        # requests have made 1 + steps_done - first_step tokens each, so the sum needs only
+        # their count and the sum of their first steps. ``live`` is that sum, stored whole
+        # after every change so a reader on another thread never sees a half-made update.
+        self.first_steps = 0
+        self.live = 0
         self.prefill: list[SimJob] = []
         self.prefill_tokens = 0
         self.step_decode = 0
@@ -62,6 +68,9 @@ class GpuWorker:
 
     def generated(self, job: SimJob) -> int:
         return 1 + self.steps_done - job.first_step if job.state is JobState.RUNNING else 0
+
+    def update_live(self) -> None:
+        self.live = self.running * (1 + self.steps_done) - self.first_steps
 
 
 class BatchScheduler:
@@ -223,9 +232,11 @@ class BatchScheduler:
             w.kv_reserved += job.reserve_tokens
             w.kv_used += job.input_tokens + job.aged - 1  # _release counts this run's tokens from first_step
             w.running += 1
+            w.first_steps += 1
             if job.stream_tokens:
                 w.streaming.add(job)
             w.warm_first.append(job)
+        w.update_live()
 
     def _go_idle(self, w: GpuWorker) -> None:
         w.seq = -1
@@ -237,6 +248,7 @@ class BatchScheduler:
     def _end_step(self, w: GpuWorker, end_s: float) -> None:
         w.steps_done += 1
         step = w.steps_done
+        w.update_live()  # every running request made one more token
         if w.gpu.faults.dropped:
             self._drop_worker(w, end_s)
             return
@@ -244,7 +256,7 @@ class BatchScheduler:
         w.input_tokens += w.prefill_tokens
         gpu_index = w.gpu.index
         if w.warm_first:
-            first_warm = FirstToken(end_s, 1)
+            first_warm = FirstToken(end_s, 1, gpu_index)
             warm, w.warm_first = w.warm_first, []
             for job in warm:
                 if job.state is JobState.RUNNING:
@@ -264,7 +276,7 @@ class BatchScheduler:
                 job.state = JobState.DONE
                 job.emit(Done(end_s, job.input_tokens, job.output_tokens, "engine", gpu_index))
         if w.prefill:
-            first = FirstToken(end_s, 1)
+            first = FirstToken(end_s, 1, gpu_index)
             prefill, w.prefill = w.prefill, []
             for job in prefill:
                 if job.state is not JobState.PREFILL:
@@ -287,6 +299,8 @@ class BatchScheduler:
                 else:
                     later.append(job)
                 w.running += 1
+                w.first_steps += step
+                w.update_live()
                 if job.stream_tokens:
                     w.streaming.add(job)
                 job.emit(first)
@@ -296,8 +310,11 @@ class BatchScheduler:
         self._begin_step(w, start_s)
 
     def _release(self, w: GpuWorker, job: SimJob) -> None:
-        """Free a running request's batch slot and KV (reserved and written)."""
+        """Free a running request's batch slot and KV (reserved and written). Its tokens leave
+        the live count here, before its end event reaches the consumer who records them."""
         w.running -= 1
+        w.first_steps -= job.first_step
+        w.update_live()
         w.kv_reserved -= job.reserve_tokens
         w.kv_used -= job.input_tokens + job.aged + (w.steps_started - job.first_step)
         if job.stream_tokens:
@@ -352,7 +369,7 @@ class BatchScheduler:
         w.prefill = []
         w.buckets.clear()
         w.streaming.clear()
-        w.running = w.kv_reserved = w.kv_used = 0
+        w.running = w.kv_reserved = w.kv_used = w.first_steps = w.live = 0
         w.seq = -1
         w.gpu.set_load(0.0, kv_bytes=0, nvlink_tx_bytes_per_s=0.0, nvlink_rx_bytes_per_s=0.0)
 

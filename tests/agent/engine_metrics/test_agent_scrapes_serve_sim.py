@@ -103,12 +103,33 @@ def test_server_counted_tokens_agree_with_the_client(
     assert engine_series(now, "rackscope_engine_kv_cache_usage_ratio", **ident) == 0
     assert engine_series(now, "rackscope_engine_tokens_total", **ident, gen_ai_token_type="input") > 0  # type: ignore[operator]
 
+    # The server's own latency histograms, exported with its buckets and counts as it has them.
+    page = samples(f"{url}/metrics")
+    ttft = "rackscope_engine_time_to_first_token_seconds"
+    wait_for("the agent's copy of the server's TTFT histogram to catch up",
+             lambda: engine_series(samples(metrics), f"{ttft}_count", **ident)
+             == engine_series(page, "vllm:time_to_first_token_seconds_count"))
+    now = samples(metrics)
+    assert engine_series(now, f"{ttft}_count", **ident) == REQUESTS
+    server_buckets = {dict(labels)["le"]: v for (name, labels), v in page.items()
+                      if name == "vllm:time_to_first_token_seconds_bucket"}
+    agent_buckets = {dict(labels)["le"]: v for (name, labels), v in now.items()
+                     if name == f"{ttft}_bucket" and set(ident.items()) <= labels}
+    assert len(server_buckets) > 5
+    assert {float(le): v for le, v in agent_buckets.items()} == {float(le): v for le, v in server_buckets.items()}
+    assert engine_series(now, f"{ttft}_sum", **ident) == pytest.approx(
+        engine_series(page, "vllm:time_to_first_token_seconds_sum"))
+    itl_count = engine_series(now, "rackscope_engine_inter_token_latency_seconds_count", **ident)
+    assert itl_count is not None and itl_count > 0
+    assert itl_count == engine_series(page, "vllm:inter_token_latency_seconds_count")
+
     # The server goes away: its numbers leave with it, and the agent says it cannot read it.
     stop_process(server)
     wait_for("the engine marked down", lambda: engine_series(samples(metrics), "rackscope_engine_up", **up) == 0)
     after = samples(metrics)
     assert engine_series(after, "rackscope_engine_tokens_total", **output) is None
     assert engine_series(after, "rackscope_engine_requests", **ident, state="waiting") is None
+    assert engine_series(after, f"{ttft}_count", **ident) is None
     assert agent.proc.poll() is None
 
 
@@ -130,6 +151,13 @@ def test_a_hosted_openai_run_has_its_server_read_while_it_runs(serve_sim: tuple[
                  lambda: (engine_series(samples(metrics), "rackscope_engine_tokens_total", **output) or 0) > 0)
         wait_for("the run to end", lambda: httpx.get(f"{api}/v1/runs/{run_id}", timeout=5).json()["status"]
                  not in ("pending", "running"), timeout_s=30)
+        # The hosted run's record holds the server's view, as a `rackscope run` record does.
+        record = httpx.get(f"{api}/v1/runs/{run_id}/record", timeout=10).json()
+        server = record["server"]
+        assert server["available"] is True and server["format"] == "vllm", server
+        truth = server["truth_check"]
+        assert truth["server_output_tokens"] > 0
+        assert abs(truth["relative_difference"]) < 0.01, truth
         wait_for("nothing exported once the run ended",
                  lambda: not [k for k in samples(metrics) if k[0].startswith("rackscope_engine_")])
     finally:

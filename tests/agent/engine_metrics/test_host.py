@@ -13,9 +13,9 @@ from rackscope.agent.engine_metrics.host import EngineMetricsHost
 from rackscope.agent.settings import AgentSettings
 from rackscope.agent.telemetry import Telemetry
 from rackscope.agent.telemetry.series import NodeIdentity
-from tests.agent.engine_metrics.pages import VLLM_V0, VLLM_V1_EARLY, page
-from tests.agent.engine_metrics.server import PageServer
 from tests.helpers import wait_for
+from tests.rackscope.engine_metrics.pages import VLLM_V0, VLLM_V1_EARLY, page
+from tests.rackscope.engine_metrics.server import PageServer
 
 IDENTITY = NodeIdentity(rack="r1", node="n01", source="sim", simulated=True, gpu_model="H100", version="test")
 INTERVAL_S = 0.05

@@ -6,7 +6,7 @@ import pytest
 
 from rackscope.agent.sources.base import NVLINK_ERROR_TYPES, GpuSource, throttle_names
 from rackscope.agent.sources.sim import SimSource
-from rackscope.agent.telemetry.series import ERROR_TYPES
+from rackscope.agent.telemetry.series import ERROR_SERIES
 from rackscope.clock import VirtualClock
 from rackscope.dashboards import names
 from rackscope.simgpu import make_node_gpus
@@ -71,8 +71,19 @@ def test_a_degraded_nvlink_counts_link_errors_and_a_healthy_one_none() -> None:
     assert source.sample()[0].nvlink_crc_errors == 400
 
 
-def test_the_nvlink_alert_selects_exactly_the_nvlink_error_types_the_agent_exports() -> None:
-    pattern = re.fullmatch(r'\w+=~"(.*)"', names.NVLINK_ERRORS)
+def test_the_nvlink_alert_selects_exactly_the_nvlink_error_series_the_agent_exports() -> None:
+    pattern = re.fullmatch(r'(\w+)="(.*)"', names.NVLINK_ERRORS)
     assert pattern is not None
-    selected = {t for t, _ in ERROR_TYPES if re.fullmatch(pattern.group(1), t)}
-    assert selected == {t for t, _ in NVLINK_ERROR_TYPES} == {"nvlink_crc", "nvlink_replay", "nvlink_recovery"}
+    label, value = pattern.groups()
+    selected = {dict(extra)["error.type"] for extra, _ in ERROR_SERIES if dict(extra).get(label) == value}
+    assert selected == {t for t, _ in NVLINK_ERROR_TYPES} == {"crc", "replay", "recovery"}
+
+
+def test_error_types_follow_the_hardware_conventions() -> None:
+    # ECC errors are "corrected" / "uncorrected", a link's errors are named for the error (the
+    # link attribute says which link), and XID events are "xid".
+    by_type = {dict(extra)["error.type"]: dict(extra).get("link") for extra, _ in ERROR_SERIES}
+    assert by_type == {
+        "xid": None, "corrected": None, "uncorrected": None,
+        "crc": "nvlink", "replay": "nvlink", "recovery": "nvlink",
+    }

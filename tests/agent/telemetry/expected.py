@@ -58,8 +58,8 @@ EXPECTED_GPU: dict[int, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = 
         ("hw.gpu.io", (("network.io.direction", "receive"), ("link", "pcie"))): 2_000_000_000,
         ("hw.temperature", ()): 71.5,
         ("hw.errors", (("error.type", "xid"),)): 2,
-        ("hw.errors", (("error.type", "ecc_corrected"),)): 3,
-        ("hw.errors", (("error.type", "ecc_uncorrected"),)): 0,
+        ("hw.errors", (("error.type", "corrected"),)): 3,
+        ("hw.errors", (("error.type", "uncorrected"),)): 0,
         ("rackscope.gpu.power.limit", ()): 1350.0,
         ("rackscope.gpu.clock.sm", ()): 1.98e9,  # Hz
         **{
@@ -120,8 +120,8 @@ KINDS: dict[str, tuple[str, str, bool | None]] = {
     "rackscope.tokens": ("{token}", "sum", True),
     "rackscope.requests": ("{request}", "sum", True),
     "gen_ai.client.operation.duration": ("s", "histogram", None),
-    "gen_ai.server.time_to_first_token": ("s", "histogram", None),
-    "gen_ai.server.time_per_output_token": ("s", "histogram", None),
+    "gen_ai.client.operation.time_to_first_chunk": ("s", "histogram", None),
+    "rackscope.time_per_output_token": ("s", "histogram", None),
     "rackscope.run.info": ("", "gauge", None),
 }
 
@@ -148,13 +148,15 @@ COLLECTOR_NAMES: dict[str, str] = {
     "rackscope.tokens": "rackscope_tokens_total",
     "rackscope.requests": "rackscope_requests_total",
     "gen_ai.client.operation.duration": "gen_ai_client_operation_duration_seconds",
-    "gen_ai.server.time_to_first_token": "gen_ai_server_time_to_first_token_seconds",
-    "gen_ai.server.time_per_output_token": "gen_ai_server_time_per_output_token_seconds",
+    "gen_ai.client.operation.time_to_first_chunk": "gen_ai_client_operation_time_to_first_chunk_seconds",
+    "rackscope.time_per_output_token": "rackscope_time_per_output_token_seconds",
     "rackscope.run.info": "rackscope_run_info",
     "rackscope.engine.requests": "rackscope_engine_requests",
     "rackscope.engine.kv_cache.usage": "rackscope_engine_kv_cache_usage_ratio",
     "rackscope.engine.tokens": "rackscope_engine_tokens_total",
     "rackscope.engine.up": "rackscope_engine_up",
+    "rackscope.engine.time_to_first_token": "rackscope_engine_time_to_first_token_seconds",
+    "rackscope.engine.inter_token_latency": "rackscope_engine_inter_token_latency_seconds",
 }
 
 LABELS = {
@@ -165,6 +167,9 @@ LABELS = {
     "error.type": "error_type",
     "rackscope.energy.method": "rackscope_energy_method",
     "gen_ai.token.type": "gen_ai_token_type",
+    "gen_ai.operation.name": "gen_ai_operation_name",
+    "gen_ai.provider.name": "gen_ai_provider_name",
+    "gen_ai.request.model": "gen_ai_request_model",
 }
 
 

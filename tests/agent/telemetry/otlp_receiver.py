@@ -42,6 +42,9 @@ class Point:
     sum: float | None = None
     bounds: list[float] = field(default_factory=list)
     bucket_counts: list[int] = field(default_factory=list)
+    min: float | None = None  # histograms: None when the point leaves it unset
+    max: float | None = None
+    start_time_unix_nano: int = 0
     resource: dict[str, Any] = field(default_factory=dict)
     scope: str = ""
 
@@ -89,7 +92,9 @@ def points(request: ExportMetricsServiceRequest) -> list[Point]:
                                          temporality=_temporality(data.aggregation_temporality),
                                          attributes=_attrs(dp.attributes), count=dp.count, sum=dp.sum,
                                          bounds=list(dp.explicit_bounds), bucket_counts=list(dp.bucket_counts),
-                                         **common))
+                                         min=dp.min if dp.HasField("min") else None,
+                                         max=dp.max if dp.HasField("max") else None,
+                                         start_time_unix_nano=dp.start_time_unix_nano, **common))
                 else:
                     raise AssertionError(f"unexpected data {which} for {m.name}")
     return out

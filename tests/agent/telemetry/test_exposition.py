@@ -11,6 +11,7 @@ import pytest
 from opentelemetry.metrics import CallbackOptions, Observation
 from prometheus_client.parser import text_string_to_metric_families
 
+from rackscope import contract
 from rackscope.agent.sources.base import GpuInfo, GpuSample
 from rackscope.agent.telemetry import Telemetry
 from rackscope.agent.telemetry.exposition import escape_label_value, format_le, format_value
@@ -160,9 +161,16 @@ def test_workload_metrics_recorded_through_meter(make_telemetry: Callable[..., T
                                                                                   "gen_ai.token.type": "output"})
     requests = meter.create_counter("rackscope.requests", "{request}", "Requests finished")
     requests.add(3, {**base, "outcome": "ok"})
-    ttft = meter.create_histogram("gen_ai.server.time_to_first_token", "s", "Time to first token")
+    # A histogram through the SDK (the TPOT convention's boundaries, from the agent's view) and
+    # one pre-aggregated in the agent's registry, as the runner records its latencies.
+    tpot = meter.create_histogram("rackscope.time_per_output_token", "s", "Time per output token")
     for latency_s in (0.0005, 0.03, 0.03, 0.3, 20.0):
-        ttft.record(latency_s, base)
+        tpot.record(latency_s, base)
+    ttft = telemetry.histograms.family(
+        contract.TIME_TO_FIRST_CHUNK.otel_name, "s", "Time to first chunk", contract.TIME_TO_FIRST_CHUNK_BUCKETS_S
+    ).cell(base)
+    for latency_s in (0.005, 0.03, 0.03, 0.3, 100.0):
+        ttft.observe(latency_s)
     in_flight = meter.create_up_down_counter("rackscope.test.inflight", "{request}", "in flight")
     in_flight.add(5, base)
     in_flight.add(-2, base)
@@ -186,18 +194,27 @@ def test_workload_metrics_recorded_through_meter(make_telemetry: Callable[..., T
     assert value("rackscope_test_inflight", **base) == 3
     assert value("rackscope_run_info", rack="r1", node="n01", run_id="run-1", scenario="offline",
                  model="llama2-70b", engine="sim") == 1
-    # Histogram: contract (semantic-convention) buckets, cumulative counts, le as the collector writes it.
-    bucket_name = "gen_ai_server_time_to_first_token_seconds_bucket"
+    # Histograms: contract (semantic-convention) buckets, cumulative counts, le as the collector writes it.
+    bucket_name = "rackscope_time_per_output_token_seconds_bucket"
     buckets = {dict(labels)["le"]: v for (n, labels), v in got.items() if n == bucket_name}
     assert buckets == {
-        "0.001": 1, "0.005": 1, "0.01": 1, "0.02": 1, "0.04": 3, "0.06": 3, "0.08": 3, "0.1": 3, "0.25": 3,
-        "0.5": 4, "0.75": 4, "1": 4, "2.5": 4, "5": 4, "7.5": 4, "10": 4, "+Inf": 5,
+        "0.01": 1, "0.025": 1, "0.05": 3, "0.075": 3, "0.1": 3, "0.15": 3, "0.2": 3, "0.3": 4, "0.4": 4,
+        "0.5": 4, "0.75": 4, "1": 4, "2.5": 4, "+Inf": 5,
     }
-    assert value("gen_ai_server_time_to_first_token_seconds_count", **base) == 5
-    assert math.isclose(value("gen_ai_server_time_to_first_token_seconds_sum", **base), 20.3605)
+    assert value("rackscope_time_per_output_token_seconds_count", **base) == 5
+    assert math.isclose(value("rackscope_time_per_output_token_seconds_sum", **base), 20.3605)
+    bucket_name = "gen_ai_client_operation_time_to_first_chunk_seconds_bucket"
+    buckets = {dict(labels)["le"]: v for (n, labels), v in got.items() if n == bucket_name}
+    assert buckets == {
+        "0.01": 1, "0.02": 1, "0.04": 3, "0.08": 3, "0.16": 3, "0.32": 4, "0.64": 4, "1.28": 4, "2.56": 4,
+        "5.12": 4, "10.24": 4, "20.48": 4, "40.96": 4, "81.92": 4, "+Inf": 5,
+    }
+    assert value("gen_ai_client_operation_time_to_first_chunk_seconds_count", **base) == 5
+    assert math.isclose(value("gen_ai_client_operation_time_to_first_chunk_seconds_sum", **base), 100.365)
     types = type_lines(body)
     assert types["rackscope_tokens_total"] == "counter"
-    assert types["gen_ai_server_time_to_first_token_seconds"] == "histogram"
+    assert types["rackscope_time_per_output_token_seconds"] == "histogram"
+    assert types["gen_ai_client_operation_time_to_first_chunk_seconds"] == "histogram"
     assert types["rackscope_test_inflight"] == "gauge"
     assert list(type_lines(body)).count("rackscope_tokens_total") == 1
     assert body.decode().count("# TYPE rackscope_tokens_total ") == 1

@@ -88,7 +88,8 @@ def agent_text() -> Iterator[str]:
     )
     workload = tuple(m for m in ALL_METRICS if m.otel_name.startswith(("rackscope.tokens", "rackscope.requests",
                                                                          "gen_ai.", "rackscope.run.",
-                                                                         "rackscope.engine.")))
+                                                                         "rackscope.engine.",
+                                                                         "rackscope.time_per_output_token")))
     record_every_metric(telemetry.meter_provider, workload, {"rack": "r1", "node": "n01", "gpu": "0"})
     telemetry.update(INFOS, samples(), 0.01, 0)
     yield telemetry.render().decode()
@@ -121,8 +122,8 @@ def test_the_agent_renders_no_other_family(agent_text: str) -> None:
 
 
 def test_histograms_render_bucket_sum_count(agent_text: str) -> None:
-    for name in ("gen_ai_client_operation_duration_seconds", "gen_ai_server_time_to_first_token_seconds",
-                 "gen_ai_server_time_per_output_token_seconds"):
+    for name in ("gen_ai_client_operation_duration_seconds", "gen_ai_client_operation_time_to_first_chunk_seconds",
+                 "rackscope_time_per_output_token_seconds"):
         lines = [line for line in agent_text.splitlines() if line.startswith(name)]
         assert any(line.startswith(f"{name}_bucket{{") and 'le="+Inf"' in line for line in lines)
         assert any(line.startswith(f"{name}_sum{{") for line in lines)

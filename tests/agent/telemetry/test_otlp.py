@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from rackscope import contract
 from rackscope.agent.telemetry import Telemetry
+from rackscope.histograms import HistogramFamily
 from tests.agent.telemetry.expected import INFOS, KINDS, expected_gpu_points, samples
 from tests.agent.telemetry.otlp_receiver import OtlpGrpcReceiver, OtlpHttpReceiver, Point, Received
 
@@ -21,6 +23,8 @@ WORKLOAD_BASE = {"rack": "r1", "node": "n01", "gpu": "0", "model": "llama2-70b",
 
 
 def record_workload(telemetry: Telemetry) -> None:
+    """Counters through the SDK; the latency histograms pre-aggregated in the agent's registry,
+    as the runner records them."""
     meter = telemetry.meter
     meter.create_counter("rackscope.tokens", "{token}", "Tokens processed").add(
         1294, {**WORKLOAD_BASE, "gen_ai.token.type": "output"}
@@ -28,11 +32,16 @@ def record_workload(telemetry: Telemetry) -> None:
     meter.create_counter("rackscope.requests", "{request}", "Requests finished").add(
         4, {**WORKLOAD_BASE, "outcome": "ok"}
     )
-    duration = meter.create_histogram("gen_ai.client.operation.duration", "s", "End-to-end request latency")
+    registry = telemetry.histograms
+
+    def family(metric: contract.MetricDef, bounds: tuple[float, ...]) -> HistogramFamily:
+        return registry.family(metric.otel_name, metric.unit, metric.description, bounds)
+
+    duration = family(contract.OPERATION_DURATION, contract.OPERATION_DURATION_BUCKETS_S).cell(WORKLOAD_BASE)
     for value in (0.5, 1.5, 100.0):
-        duration.record(value, WORKLOAD_BASE)
-    meter.create_histogram("gen_ai.server.time_to_first_token", "s", "TTFT").record(0.05, WORKLOAD_BASE)
-    meter.create_histogram("gen_ai.server.time_per_output_token", "s", "TPOT").record(0.02, WORKLOAD_BASE)
+        duration.observe(value)
+    family(contract.TIME_TO_FIRST_CHUNK, contract.TIME_TO_FIRST_CHUNK_BUCKETS_S).cell(WORKLOAD_BASE).observe(0.05)
+    family(contract.TIME_PER_OUTPUT_TOKEN, contract.TPOT_BUCKETS_S).cell(WORKLOAD_BASE).observe(0.02)
 
 
 def has(*names: str) -> Callable[[list[Received]], bool]:
@@ -72,9 +81,10 @@ def check_everything(latest: dict[tuple[str, frozenset[tuple[str, Any]]], Point]
     assert duration.count == 3
     assert math.isclose(duration.sum or 0.0, 102.0)
     assert duration.bucket_counts == [0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1]
-    ttft = latest[("gen_ai.server.time_to_first_token", frozenset(WORKLOAD_BASE.items()))]
-    assert (ttft.bounds[0], ttft.bounds[-1], ttft.count) == (0.001, 10.0, 1)
-    tpot = latest[("gen_ai.server.time_per_output_token", frozenset(WORKLOAD_BASE.items()))]
+    assert (duration.min, duration.max) == (0.5, 100.0)
+    ttft = latest[("gen_ai.client.operation.time_to_first_chunk", frozenset(WORKLOAD_BASE.items()))]
+    assert (ttft.bounds[0], ttft.bounds[-1], ttft.count) == (0.01, 81.92, 1)
+    tpot = latest[("rackscope.time_per_output_token", frozenset(WORKLOAD_BASE.items()))]
     assert (tpot.bounds[0], tpot.bounds[-1], tpot.count) == (0.01, 2.5, 1)
     # Resource identity.
     resource = next(iter(latest.values())).resource
@@ -95,7 +105,7 @@ def test_http_protobuf_export_carries_every_metric(
     )
     record_workload(telemetry)
     telemetry.update(INFOS, samples(), 0.0125, 7)
-    received = http_receiver.wait_for(has("hw.power", "rackscope.tokens", "gen_ai.server.time_per_output_token"))
+    received = http_receiver.wait_for(has("hw.power", "rackscope.tokens", "rackscope.time_per_output_token"))
     assert received[0].path == "/v1/metrics"  # base endpoint: the signal path is appended
     assert received[0].headers["authorization"] == "Bearer s3cret"
     assert received[0].headers["x-tenant"] == "r1"
@@ -118,7 +128,7 @@ def test_grpc_export_carries_every_metric(
     )
     record_workload(telemetry)
     telemetry.update(INFOS, samples(), 0.0125, 7)
-    received = grpc_receiver.wait_for(has("hw.power", "rackscope.tokens", "gen_ai.server.time_per_output_token"))
+    received = grpc_receiver.wait_for(has("hw.power", "rackscope.tokens", "rackscope.time_per_output_token"))
     assert received[0].headers["x-tenant"] == "r1"
     check_everything(grpc_receiver.latest())
 

@@ -253,3 +253,48 @@ async def test_a_caller_that_walks_away_leaves_the_batch_and_the_rest_finish(mod
 async def test_stream_before_start_is_an_engine_error(model: Any) -> None:
     with pytest.raises(EngineError, match="not started"):
         await collect(HfEngine(model).stream(Request("x", input_ids=[1], max_output_tokens=1)))
+
+
+async def test_a_run_counts_generated_tokens_before_each_request_ends(model: Any, tokenizer: Any) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from rackscope import contract
+    from rackscope.runner.config import RunConfig
+    from rackscope.runner.runloop import run_scenario
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+
+    def counted() -> int:
+        data = reader.get_metrics_data()
+        if data is None:
+            return 0
+        return sum(
+            int(p.value)
+            for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+            if m.name == contract.TOKENS.otel_name
+            for p in m.data.data_points if p.attributes["gen_ai.token.type"] == "output"
+        )
+
+    engine = HfEngine(model, tokenizer, max_batch=1, batch_wait_s=0.0)
+    await engine.start()
+    cfg = RunConfig.from_dict({"engine": "hf", "model": "m", "node": "n01", "scenario": "concurrency",
+                               "concurrency": 1,
+                               "requests": 2, "output_len": 40, "input_len": 8, "warmup_auto": False})
+    try:
+        run = asyncio.create_task(run_scenario(engine, cfg, meter=provider.get_meter("t")))
+        seen = []
+        while not run.done():
+            seen.append(counted())
+            await asyncio.sleep(0.001)
+        result = await run
+    finally:
+        await engine.stop()
+    provider.shutdown()
+    assert result.summary["requests_completed"] == 2
+    assert counted() == 80
+    # Every token counted as it came: values strictly between whole requests were seen.
+    assert any(0 < v < 40 for v in seen)
+    assert any(40 < v < 80 for v in seen)
+    assert seen == sorted(seen)

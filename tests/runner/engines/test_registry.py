@@ -17,6 +17,7 @@ from rackscope.errors import ConfigError, EngineUnavailable
 from rackscope.runner.config import SETTINGS, RunConfig
 from rackscope.runner.engines.base import (
     CAPABILITIES,
+    CountsLiveTokens,
     Done,
     Engine,
     EngineEvent,
@@ -25,6 +26,7 @@ from rackscope.runner.engines.base import (
     HintsInflight,
     Prewarms,
     RecordsWholeRequests,
+    ReportsIterationStats,
     ReportsStats,
     Request,
     Slowable,
@@ -242,9 +244,9 @@ def engines() -> dict[str, object]:
 
 
 EXPECTED = {
-    "sim": {SubmitsCallbacks, VirtualTime, ReportsStats, HintsInflight, Slowable, HasGpus},
-    "openai": {RecordsWholeRequests, Prewarms},
-    "trtllm": set(),
+    "sim": {SubmitsCallbacks, CountsLiveTokens, VirtualTime, ReportsStats, HintsInflight, Slowable, HasGpus},
+    "openai": {RecordsWholeRequests, CountsLiveTokens, Prewarms},
+    "trtllm": {ReportsIterationStats},
     "hf": set(),
 }
 

@@ -608,3 +608,40 @@ async def test_warm_start_gives_steady_throughput_from_the_first_seconds(varied:
     assert all(isinstance(events.by_id[d_id][0], FirstToken) for d_id in events.by_id)
     for st in warm.stats().gpus:
         assert (st.running, st.prefilling, st.kv_used_tokens) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("warm_start", [False, True], ids=["cold", "warm"])
+async def test_live_output_tokens_is_what_open_requests_generated(warm_start: bool) -> None:
+    """The per-GPU figure live telemetry reads equals the sum, over requests not yet ended, of
+    what each generated, at every step: through first tokens, ends, a cancel and a lost GPU."""
+    clock = VirtualClock()
+    gpus = [SimGpu(i, profile("h100"), clock) for i in range(2)]
+    engine = await started(gpus, clock, warm_start=warm_start)
+    events = Events()
+    jobs = {}
+    rng = random.Random(7)
+    for i in range(300):
+        rid = f"r{i}"
+        jobs[rid] = engine.submit(Request(rid, input_tokens=rng.randint(50, 900),
+                                          max_output_tokens=rng.randint(1, 400)), events.sink(rid))
+
+    def expected() -> dict[int | None, int]:
+        out: dict[int | None, int] = {}
+        for job in jobs.values():
+            if not job.finished and job.gpu is not None and job.tokens_so_far:
+                out[job.gpu] = out.get(job.gpu, 0) + job.tokens_so_far
+        return out
+
+    checked = 0
+    while clock.now() < 30.0 and await engine.step():
+        assert engine.live_output_tokens() == expected()
+        checked += 1
+        if checked == 50:
+            next(j for j in jobs.values() if j.tokens_so_far > 3 and not j.finished).cancel()
+        if checked == 120:
+            gpus[1].set_faults(dropped=True)
+    assert checked > 200
+    assert engine.live_output_tokens() == expected()
+    assert events.last(Failed)  # the lost GPU's requests failed, their tokens left the count
+    await engine.stop()
+    assert engine.live_output_tokens() == {}

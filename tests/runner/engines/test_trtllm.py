@@ -439,3 +439,67 @@ def test_records_without_kv_or_batching_stats_give_none_sections() -> None:
 def test_stats_that_are_not_json_are_an_engine_error() -> None:
     with pytest.raises(EngineError, match="not JSON"):
         summarize_iteration_stats(["{not json"])
+
+
+# ---------------------------------------------------------------- through the run loop: live token counts
+
+
+class GatedOutput(RequestOutput):
+    """A step happens only when the test releases it, so the run can be looked at in between."""
+
+    async def __anext__(self) -> RequestOutput:
+        llm = self.llm
+        assert isinstance(llm, GatedLLM)
+        await llm.gate.acquire()
+        return await super().__anext__()
+
+
+class GatedLLM(StandInLLM):
+    def __init__(self, clock: VirtualClock, **kwargs: Any) -> None:
+        super().__init__(clock, **kwargs)
+        self.gate = asyncio.Semaphore(0)
+
+    def generate_async(self, inputs: Any, sampling_params: SamplingParams, streaming: bool = False) -> RequestOutput:
+        self.calls.append((inputs, sampling_params, streaming))
+        result = GatedOutput(self, [len(word) for word in str(inputs).split()], sampling_params)
+        self.results.append(result)
+        return result
+
+
+async def test_a_run_counts_streamed_tokens_before_the_request_ends(clock: VirtualClock) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from rackscope import contract
+    from rackscope.runner.config import RunConfig
+    from rackscope.runner.runloop import run_scenario
+
+    engine, llm = await started_engine(clock, llm_class=GatedLLM)
+    assert isinstance(llm, GatedLLM)
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+
+    def counted() -> int:
+        data = reader.get_metrics_data()
+        assert data is not None
+        return sum(
+            int(p.value)
+            for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+            if m.name == contract.TOKENS.otel_name
+            for p in m.data.data_points if p.attributes["gen_ai.token.type"] == "output"
+        )
+
+    cfg = RunConfig.from_dict({"engine": "trtllm", "model": "m", "node": "n01", "scenario": "concurrency",
+                               "concurrency": 1,
+                               "requests": 1, "output_len": 10, "input_len": 4, "warmup_auto": False})
+    run = asyncio.create_task(run_scenario(engine, cfg, meter=provider.get_meter("t")))
+    seen = []
+    for _ in range(4):  # the stand-in's steps bring 1, 3, 3 and 3 tokens
+        llm.gate.release()
+        for _ in range(20):  # let the step's output reach the run loop
+            await asyncio.sleep(0)
+        seen.append(counted())
+    result = await run
+    provider.shutdown()
+    assert seen == [1, 4, 7, 10]  # each step's tokens counted as they streamed, not at the end
+    assert result.summary["requests_completed"] == 1

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from rackscope.agent.engine_metrics.formats import UNKNOWN_MODEL, EngineFormat, ModelReading, read_page
+from rackscope.engine_metrics.formats import UNKNOWN_MODEL, EngineFormat, ModelReading, read_page
 from rackscope.errors import PeerError
-from tests.agent.engine_metrics.pages import (
+from tests.rackscope.engine_metrics.pages import (
     SGLANG,
     SGLANG_DISAGG,
     SGLANG_EARLY,
@@ -165,3 +165,123 @@ def test_histograms_are_read_whole_or_not_at_all() -> None:
 def test_broken_pages_are_errors_not_counts(body: bytes, error: str) -> None:
     with pytest.raises(PeerError, match=error):
         read_page(body)
+
+
+# --- TTFT and ITL histograms ------------------------------------------------------------------------
+# No recorded page here carries whole histograms (the v0 page stops inside one), so these pages are
+# built in the test from the series names, labels and buckets the servers' sources declare (vLLM v1:
+# vllm/v1/metrics/loggers.py; SGLang: sglang/srt/metrics/collector.py), and say so.
+VLLM_TTFT_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+
+
+def histogram_lines(
+    family: str, labels: str, bounds: tuple[float, ...], counts: list[float], total: float
+) -> list[str]:
+    """A histogram as a Prometheus client writes it: cumulative buckets, +Inf, count, sum."""
+    out = [f"# TYPE {family} histogram"]
+    for bound, count in zip((*bounds, math.inf), counts, strict=True):
+        le = "+Inf" if math.isinf(bound) else repr(bound)
+        out.append(f'{family}_bucket{{{labels},le="{le}"}} {count}')
+    out += [f"{family}_count{{{labels}}} {counts[-1]}", f"{family}_sum{{{labels}}} {total}"]
+    return out
+
+
+def cumulative(per_bucket: list[float]) -> list[float]:
+    out, running = [], 0.0
+    for c in per_bucket:
+        running += c
+        out.append(running)
+    return out
+
+
+def test_vllm_histograms_are_read_and_replicas_summed() -> None:
+    ttft = [0.0] * 7 + [3.0, 5.0, 2.0] + [0.0] * 12 + [1.0]  # 22 bounds + the +Inf bucket
+    itl_bounds = (0.01, 0.025, 0.05, 0.075, 0.1)
+    lines = ["# TYPE vllm:num_requests_running gauge",
+             'vllm:num_requests_running{engine="0",model_name="m"} 4.0',
+             'vllm:num_requests_running{engine="1",model_name="m"} 2.0']
+    for engine in ("0", "1"):
+        labels = f'engine="{engine}",model_name="m"'
+        lines += histogram_lines("vllm:time_to_first_token_seconds", labels, VLLM_TTFT_BOUNDS, cumulative(ttft), 2.5)
+        lines += histogram_lines("vllm:inter_token_latency_seconds", labels, itl_bounds,
+                                 cumulative([10.0, 20.0, 5.0, 0.0, 0.0, 1.0]), 0.9)
+        # The deprecated v0 name beside it is not read when the v1 one is there.
+        lines += histogram_lines("vllm:time_per_output_token_seconds", labels, itl_bounds, [0.0] * 5 + [9.0], 99.0)
+    (m,) = read_page(("\n".join(lines) + "\n").encode()).models
+    assert m.running == 6.0
+    assert m.ttft_s is not None and m.itl_s is not None
+    assert m.ttft_s.bounds == (*VLLM_TTFT_BOUNDS, math.inf)
+    assert m.ttft_s.counts == tuple(2 * c for c in cumulative(ttft))
+    assert (m.ttft_s.count, m.ttft_s.sum) == (22.0, 5.0)
+    assert m.itl_s.bounds == (*itl_bounds, math.inf)
+    assert m.itl_s.counts == (20.0, 60.0, 70.0, 70.0, 70.0, 72.0)
+    assert (m.itl_s.count, m.itl_s.sum) == (72.0, 1.8)
+
+
+@pytest.mark.parametrize(("fmt", "families", "read"), [
+    # vLLM v0 has no inter_token_latency: its time_per_output_token is the ITL.
+    ("vllm", ("vllm:time_per_output_token_seconds",), "vllm:time_per_output_token_seconds"),
+    ("sglang", ("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"),
+     "sglang:inter_token_latency_seconds"),
+    ("sglang", ("sglang:time_per_output_token_seconds",), "sglang:time_per_output_token_seconds"),
+])
+def test_itl_falls_back_to_time_per_output_token(fmt: str, families: tuple[str, ...], read: str) -> None:
+    labels = 'model_name="m"'
+    lines = []
+    for i, family in enumerate(families):
+        lines += histogram_lines(family, labels, (0.05, 0.1), [float(i + 1), float(i + 2), float(i + 3)], 0.25)
+    reading = read_page(("\n".join(lines) + "\n").encode())
+    assert reading.format is EngineFormat(fmt)
+    (m,) = reading.models
+    assert m.itl_s is not None
+    i = families.index(read)
+    assert m.itl_s.counts == (float(i + 1), float(i + 2), float(i + 3))
+
+
+def broken_histogram(change: str) -> bytes:
+    lines = histogram_lines("vllm:time_to_first_token_seconds", 'model_name="m"', (0.1, 0.5), [1.0, 3.0, 4.0], 1.5)
+    text = "\n".join(lines) + "\n"
+    if change == "le-not-a-number":
+        text = text.replace('le="0.5"', 'le="half"')
+    elif change == "le-nan":
+        text = text.replace('le="0.5"', 'le="NaN"')
+    elif change == "bucket-twice":
+        text = text.replace('le="0.5"', 'le="0.50"').replace('le="0.1"', 'le="0.5"')
+    elif change == "not-cumulative":
+        text = text.replace('le="0.5"} 3.0', 'le="0.5"} 0.5')
+    elif change == "inf-unlike-count":
+        text = text.replace('_count{model_name="m"} 4.0', '_count{model_name="m"} 5.0')
+    elif change == "negative-sum":
+        text = text.replace("_sum{model_name=\"m\"} 1.5", "_sum{model_name=\"m\"} -1.5")
+    elif change == "infinite-bucket-count":
+        text = text.replace('le="0.1"} 1.0', 'le="0.1"} +Inf')
+    elif change == "too-many-buckets":
+        extra = "".join(f'vllm:time_to_first_token_seconds_bucket{{model_name="m",le="{1000 + i}"}} 4.0\n'
+                        for i in range(300))
+        text = text.replace("vllm:time_to_first_token_seconds_count", extra + "vllm:time_to_first_token_seconds_count")
+    return text.encode()
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ("le-not-a-number", "no number|not Prometheus text"), ("le-nan", "no upper bound|not Prometheus text"),
+    ("bucket-twice", "twice|not Prometheus text"), ("not-cumulative", "not cumulative"),
+    ("inf-unlike-count", "unlike its count"), ("negative-sum", "no sum of latencies"),
+    ("infinite-bucket-count", "not cumulative"), ("too-many-buckets", "more than 256 buckets"),
+])
+def test_broken_histograms_are_errors_not_latencies(change: str, error: str) -> None:
+    assert read_page(broken_histogram("none")).models[0].ttft_s is not None  # the page unbroken reads
+    with pytest.raises(PeerError, match=error):
+        read_page(broken_histogram(change))
+
+
+def test_histogram_cut_short_or_of_unlike_replicas_is_left_out_not_guessed() -> None:
+    whole = histogram_lines("vllm:time_to_first_token_seconds", 'engine="0",model_name="m"', (0.1, 0.5),
+                            [1.0, 3.0, 4.0], 1.5)
+    no_sum = [line for line in whole if "_sum" not in line]
+    assert read_page(("\n".join(no_sum) + "\n").encode()).models == ()
+    other = histogram_lines("vllm:time_to_first_token_seconds", 'engine="1",model_name="m"', (0.2, 0.5),
+                            [1.0, 3.0, 4.0], 1.5)[1:]
+    running = 'vllm:num_requests_running{engine="0",model_name="m"} 1.0'
+    (m,) = read_page(("\n".join([running, *whole, *other]) + "\n").encode()).models
+    assert (m.running, m.ttft_s) == (1.0, None)

@@ -1,6 +1,6 @@
 """The scraper against a real HTTP server on 127.0.0.1 serving the recorded public pages, then
 misbehaving: every broken, oversized, slow or silent answer leaves the snapshot failed or stale,
-never holding a count; and the snapshot exported through OpenTelemetry with the contract's names."""
+never holding a count."""
 
 from __future__ import annotations
 
@@ -8,21 +8,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 
-from rackscope import contract
-from rackscope.agent.engine_metrics import (
-    ENGINE_SCOPE,
-    EngineFormat,
-    EngineInstruments,
-    EngineScraper,
-    ScrapeStatus,
-    metrics_url,
-)
-from tests.agent.engine_metrics.pages import SGLANG, TRTLLM_EMPTY, TRTLLM_STAT, VLLM_V0, VLLM_V1_EARLY, page
-from tests.agent.engine_metrics.server import PageServer, elapsed, gzip_bomb
+from rackscope.engine_metrics import EngineFormat, EngineScraper, ScrapeStatus, metrics_url
 from tests.helpers import wait_for
+from tests.rackscope.engine_metrics.pages import SGLANG, TRTLLM_EMPTY, TRTLLM_STAT, VLLM_V0, VLLM_V1_EARLY, page
+from tests.rackscope.engine_metrics.server import PageServer, elapsed, gzip_bomb
 
 DEADLINE_S = 0.5
 CAP = 64 * 1024
@@ -48,9 +38,48 @@ def scraper(server: PageServer, **kwargs: object) -> EngineScraper:
     return EngineScraper(server.url, **options)  # type: ignore[arg-type]
 
 
-def test_metrics_url_of_a_server() -> None:
+def test_metrics_url_of_a_server_is_its_origin_and_metrics() -> None:
     assert metrics_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/metrics"
     assert metrics_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/metrics"
+    # Credentials, path and query belong to the API; the page is read without them.
+    assert metrics_url("HTTPS://user:secret@[::1]:8443/proxy/v1?key=k") == "https://[::1]:8443/metrics"
+    assert metrics_url("http://server.example") == "http://server.example/metrics"
+    for bad in ("ftp://127.0.0.1/", "127.0.0.1:8000", "http://:80/", "http://h:99999/"):
+        with pytest.raises(ValueError, match="not an http"):
+            metrics_url(bad)
+
+
+def test_each_reading_is_handed_over_with_the_moment_it_stands_for(server: PageServer) -> None:
+    clock = Clock()
+    seen: list[tuple[float, str]] = []
+
+    def ticking() -> float:
+        clock.now += 0.5  # each look at the clock moves it: before the request, after the answer
+        return clock.now
+
+    s = scraper(server, clock=ticking, on_reading=lambda t, r: seen.append((t, r.models[0].model)))
+    s.scrape_once()
+    assert seen == [(1000.75, "Qwen/Qwen2.5-Coder-32B-Instruct")]  # midway between 1000.5 and 1001.0
+    server.mode, server.status = "status", 500
+    s.scrape_once()
+    assert len(seen) == 1  # a failed read hands nothing over
+    assert s.last_error is not None and "answered 500" in s.last_error
+
+
+def test_a_run_scraper_logs_its_first_failure_only(server: PageServer, caplog: pytest.LogCaptureFixture) -> None:
+    server.mode, server.status = "status", 500
+    quiet = scraper(server, log_failures="first")
+    server.body = b"garbage"
+    for mode in ("status", "page", "status"):  # two different failures, three times
+        server.mode = mode
+        quiet.scrape_once()
+    assert sum("unreadable" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    chatty = scraper(server)
+    for mode in ("status", "page", "status"):
+        server.mode = mode
+        chatty.scrape_once()
+    assert sum("unreadable" in r.getMessage() for r in caplog.records) == 3  # each new failure
 
 
 def test_reads_a_real_page_and_holds_its_format(server: PageServer) -> None:
@@ -150,50 +179,3 @@ def test_thread_scrapes_and_stops_promptly_while_the_server_hangs(server: PageSe
         start = time.monotonic()
         s.stop(timeout_s=2.0)
         assert elapsed(start) < 1.0  # stopping does not wait for the 5 s deadline
-
-
-def collected(reader: InMemoryMetricReader) -> dict[tuple[str, frozenset[tuple[str, object]]], float]:
-    data: MetricsData | None = reader.get_metrics_data()
-    out: dict[tuple[str, frozenset[tuple[str, object]]], float] = {}
-    if data is None:
-        return out
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            assert sm.scope.name == ENGINE_SCOPE
-            for metric in sm.metrics:
-                for point in metric.data.data_points:
-                    out[(metric.name, frozenset(point.attributes.items()))] = point.value  # type: ignore[union-attr]
-    return out
-
-
-def test_instruments_export_the_contract_and_only_fresh_values(server: PageServer) -> None:
-    server.body = page(VLLM_V0)
-    s = scraper(server)
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-    EngineInstruments(provider.get_meter(ENGINE_SCOPE), s.snapshot, "r1", "n01")
-    try:
-        assert collected(reader) == {
-            (contract.ENGINE_UP.otel_name, frozenset({("rack", "r1"), ("node", "n01"), ("format", "unknown")})): 0}
-        s.scrape_once()
-        model = ("model", "bigscience/bloom-560m")
-        ident = {("rack", "r1"), ("node", "n01")}
-        assert collected(reader) == {
-            (contract.ENGINE_UP.otel_name, frozenset({*ident, ("format", "vllm")})): 1,
-            (contract.ENGINE_TOKENS.otel_name, frozenset({*ident, model, ("gen_ai.token.type", "input")})): 1196.0,
-            (contract.ENGINE_TOKENS.otel_name, frozenset({*ident, model, ("gen_ai.token.type", "output")})): 218152.0,
-        }
-        server.body = page(VLLM_V1_EARLY)
-        s.scrape_once()
-        model = ("model", "Qwen/Qwen2.5-Coder-32B-Instruct")
-        assert collected(reader) == {
-            (contract.ENGINE_UP.otel_name, frozenset({*ident, ("format", "vllm")})): 1,
-            (contract.ENGINE_REQUESTS.otel_name, frozenset({*ident, model, ("state", "running")})): 0.0,
-            (contract.ENGINE_REQUESTS.otel_name, frozenset({*ident, model, ("state", "waiting")})): 0.0,
-            (contract.ENGINE_KV_CACHE_USAGE.otel_name, frozenset({*ident, model})): 0.0,
-        }
-        server.mode = "status"
-        s.scrape_once()
-        assert collected(reader) == {(contract.ENGINE_UP.otel_name, frozenset({*ident, ("format", "vllm")})): 0}
-    finally:
-        provider.shutdown()

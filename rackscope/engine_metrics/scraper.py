@@ -14,6 +14,10 @@ carries values while they are fresh:
 
 The format is detected from the first page understood (unless given) and then held: a page
 of another format later is an error, not a new truth.
+
+``on_reading`` hands each page understood, with the moment it stands for, to a caller that
+keeps a history (a run's view of its server, ``rackscope.engine_metrics.history``): the
+midpoint between sending the request and the end of the answer, on the scraper's clock.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Literal
+from urllib.parse import urlsplit
 
-from rackscope.agent.engine_metrics.formats import EngineFormat, Reading, read_page
+from rackscope.engine_metrics.formats import EngineFormat, Reading, read_page
 from rackscope.errors import PeerError
 from rackscope.peers import MIB, Target, fetch
 from rackscope.urls import redact_url
@@ -66,11 +72,21 @@ class EngineSnapshot:
 
 
 def metrics_url(server_url: str) -> str:
-    """The metrics page of an OpenAI-compatible server given by its base URL (``/v1`` dropped)."""
-    base = server_url.rstrip("/")
-    if base.endswith("/v1"):
-        base = base[: -len("/v1")]
-    return base + METRICS_PATH
+    """The metrics page of an OpenAI-compatible server given by its URL: the server's origin
+    (scheme, host and port) + ``/metrics``. Credentials, path and query of ``server_url`` are
+    left out: they belong to the API, and the page is read without them (vLLM, SGLang and
+    ``trtllm-serve`` serve it unauthenticated at the root). ``ValueError`` for what is not an
+    http(s) URL with a host."""
+    parts = urlsplit(server_url)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not an http:// or https:// URL: {redact_url(server_url)!r}") from exc
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http:// or https:// URL: {redact_url(server_url)!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{parts.scheme.lower()}://{netloc}{METRICS_PATH}"
 
 
 class EngineScraper:
@@ -90,7 +106,12 @@ class EngineScraper:
         max_bytes: int = DEFAULT_MAX_BYTES,
         stale_after_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_reading: Callable[[float, Reading], None] | None = None,
+        log_failures: Literal["distinct", "first"] = "distinct",
     ) -> None:
+        """``log_failures``: ``distinct`` logs each new failure (a long-lived agent, whose
+        operator wants to see the server come and go); ``first`` logs the first one only (a run,
+        which records what became of the page instead)."""
         self.target = Target.parse(url, METRICS_PATH)  # ValueError for what is not http(s)
         self.url = redact_url(url)
         if not interval_s > 0 or not deadline_s > 0 or max_bytes < 1:
@@ -111,6 +132,9 @@ class EngineScraper:
         self._scrapes = 0
         self._failures = 0
         self._logged_error: str | None = None
+        self._on_reading = on_reading
+        self._log_failures = log_failures
+        self.last_error: str | None = None  # the last failure, kept after recovery (for a record)
 
     @property
     def format(self) -> EngineFormat | None:
@@ -120,10 +144,12 @@ class EngineScraper:
     # --- one read --------------------------------------------------------------------------
     def scrape_once(self) -> EngineSnapshot:
         """Read the page once and publish what it said (or why it said nothing)."""
+        sent = self._clock()
         try:
             response = fetch(
                 self.target, deadline_s=self.deadline_s, max_bytes=self.max_bytes, headers=_HEADERS, stop=self._stop
             )
+            received = self._clock()  # the page was rendered in between; parsing it takes no part
             if response.status != 200:
                 raise PeerError(f"{self.target.what} answered {response.status} {response.reason}")
             reading = read_page(
@@ -134,9 +160,13 @@ class EngineScraper:
                 what=self.target.what,
             )
         except PeerError as exc:
+            if self._stop.is_set():
+                return self.snapshot()  # abandoned because we stopped: the page's doing was not seen
             self._fail(str(exc))
         else:
             self._succeed(reading)
+            if self._on_reading is not None:
+                self._on_reading((sent + received) / 2, reading)
         return self.snapshot()
 
     def _succeed(self, reading: Reading) -> None:
@@ -160,7 +190,12 @@ class EngineScraper:
             self._scrapes += 1
             self._failures += 1
             self._error = error
-        if error != self._logged_error:  # once per distinct failure, not once per second
+            self.last_error = error
+            first = self._failures == 1
+        if self._log_failures == "first":
+            if first:
+                log.warning("engine metrics unreadable: %s", error)
+        elif error != self._logged_error:  # once per distinct failure, not once per second
             log.warning("engine metrics unreadable: %s", error)
             self._logged_error = error
 

@@ -20,7 +20,8 @@ The model is the ``model_name`` label (SGLang's first releases: ``name``); a pag
 (TensorRT-LLM's JSON) is credited to the model the caller names. vLLM's ``_perc`` gauges are
 fractions despite the name. ``trtllm-serve`` answers ``GET /metrics`` with a JSON list of the
 iteration statistics gathered since the last read (empty when nothing ran since), and, when
-started with ``return_perf_metrics``, Prometheus text on ``/prometheus/metrics``.
+started with ``return_perf_metrics``, Prometheus text on ``/prometheus/metrics``. The same
+records drained in process from the LLM API's ``get_stats`` read alike (``read_iteration_records``).
 
 Several series of one model (vLLM's ``engine``, SGLang's ``dp_rank``: data-parallel replicas)
 are combined: counts and tokens summed, KV-cache usage averaged (the replicas hold caches of
@@ -41,8 +42,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from rackscope.errors import PeerError
 
@@ -140,6 +139,8 @@ _TEXT_NAMES = {
 # Where the model is named; every other label (replica, rank, process) is combined away.
 _MODEL_LABELS = ("model_name", "name")
 _KV_SLACK = 1e-9  # float noise allowed above 1.0 in a fraction
+# Buckets one histogram may have: vLLM's TTFT has 22, and every bucket is kept per reading.
+MAX_BUCKETS = 256
 
 
 def read_page(
@@ -187,12 +188,39 @@ def _read_iteration_stats(text: str, model: str, what: str) -> Reading:
         doc = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise PeerError(f"{what} sent JSON that does not parse: {exc}") from exc
-    if not isinstance(doc, list) or not all(isinstance(item, dict) for item in doc):
+    if not isinstance(doc, list):
         raise PeerError(f"{what} sent JSON that is not a list of iteration statistics")
-    if not doc:
+    return _iteration_reading(doc, model, what)
+
+
+def read_iteration_records(
+    records: Iterable[object], *, model: str | None = None, what: str = "the TensorRT-LLM runtime",
+) -> Reading:
+    """Iteration statistics as the LLM API's ``get_stats`` / ``get_stats_async`` hand them over
+    (each a dict, or a JSON string in some releases) -> a ``Reading``, as the same records on
+    ``trtllm-serve``'s JSON page read. No records: a reading of no model (nothing ran since the
+    last drain). Raises ``PeerError`` for a record that is not a JSON object of such statistics."""
+    decoded: list[object] = []
+    for record in records:
+        if isinstance(record, str | bytes):
+            try:
+                decoded.append(json.loads(record))
+            except (ValueError, RecursionError) as exc:
+                raise PeerError(f"{what} sent an iteration statistic that is not JSON: {exc}") from exc
+        else:
+            decoded.append(record)
+    return _iteration_reading(decoded, model or UNKNOWN_MODEL, what)
+
+
+def _iteration_reading(doc: list[object], model: str, what: str) -> Reading:
+    """The latest of a batch of iteration statistics (the page's list, or records drained)."""
+    items = [item for item in doc if isinstance(item, dict)]
+    if len(items) != len(doc):
+        raise PeerError(f"{what} sent JSON that is not a list of iteration statistics")
+    if not items:
         return Reading(EngineFormat.TRTLLM, ())
     # The list holds the iterations since the last read, oldest first; the latest one is now.
-    latest = max(doc, key=lambda item: _iteration(item, what))
+    latest = max(items, key=lambda item: _iteration(item, what))
     running = _count(latest.get("numActiveRequests"), "numActiveRequests", what)
     waiting = _count(latest.get("numQueuedRequests"), "numQueuedRequests", what)
     kv_usage = None
@@ -241,6 +269,10 @@ class _Sample:
 
 
 def _parse_text(text: str, what: str) -> list[_Sample]:
+    # Imported on the first page read: prometheus_client's package pulls in an HTTP server and
+    # the email package, start-up a load generator with no page to read should not pay for.
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         return [
             _Sample(family.name, family.type, s.name, tuple(sorted(s.labels.items())), float(s.value))
@@ -337,8 +369,10 @@ def _histograms(
     samples: list[_Sample], candidates: tuple[str, ...], default_model: str, what: str
 ) -> dict[str, Histogram]:
     """model -> the first candidate histogram family present, summed over replicas. A model
-    whose histogram lacks its +Inf bucket or its count (a page cut short), or whose replicas
-    use different buckets, gets none: it is left out, not guessed at."""
+    whose histogram lacks its +Inf bucket, its sum or its count (a page cut short), or whose
+    replicas use different buckets, gets none: it is left out, not guessed at. What cannot be
+    a histogram at all (a bound that is no number, a bucket twice, counts that are not
+    cumulative, a +Inf bucket unlike the count) makes the page an error."""
     for family in candidates:
         rows = [s for s in samples if s.family == family and s.family_type == "histogram"]
         if not rows:
@@ -348,14 +382,17 @@ def _histograms(
             labels = tuple((k, v) for k, v in s.labels if k != "le")
             part = parts[_model_of(labels, default_model)].setdefault(labels, _Parts())
             if s.name == f"{family}_bucket":
-                bound = dict(s.labels).get("le")
-                if bound is None:
-                    raise PeerError(f"{what} sent a {family} bucket without 'le'")
-                part.buckets[float(bound)] = s.value
-            elif s.name == f"{family}_sum":
-                part.sum = s.value
-            elif s.name == f"{family}_count":
-                part.count = s.value
+                bound = _bound(dict(s.labels).get("le"), family, what)
+                if bound in part.buckets:
+                    raise PeerError(f"{what} sent the {family} bucket le={bound:g} twice")
+                if len(part.buckets) >= MAX_BUCKETS:
+                    raise PeerError(f"{what} sent {family} with more than {MAX_BUCKETS} buckets")
+                part.buckets[bound] = s.value
+            elif s.name in (f"{family}_sum", f"{family}_count"):
+                key = "sum" if s.name.endswith("_sum") else "count"
+                if getattr(part, key) is not None:
+                    raise PeerError(f"{what} sent {s.name}{dict(labels)} twice")
+                setattr(part, key, s.value)
         merged: dict[str, Histogram] = {}
         for model, replicas in parts.items():
             whole = [_histogram(p, family, what) for p in replicas.values()]
@@ -379,6 +416,19 @@ class _Parts:
     count: float | None = None
 
 
+def _bound(text: str | None, family: str, what: str) -> float:
+    """A bucket's ``le`` as a number: finite, or +Inf for the last bucket."""
+    if text is None:
+        raise PeerError(f"{what} sent a {family} bucket without 'le'")
+    try:
+        bound = float(text)
+    except ValueError:
+        raise PeerError(f"{what} sent a {family} bucket with le={text[:40]!r}, which is no number") from None
+    if math.isnan(bound) or bound == -math.inf:
+        raise PeerError(f"{what} sent a {family} bucket with le={text[:40]!r}, which is no upper bound")
+    return bound
+
+
 def _histogram(part: _Parts, family: str, what: str) -> Histogram | None:
     if math.inf not in part.buckets or part.count is None or part.sum is None:
         return None
@@ -388,16 +438,21 @@ def _histogram(part: _Parts, family: str, what: str) -> Histogram | None:
         raise PeerError(f"{what} sent {family} buckets that are not cumulative counts")
     if counts[-1] != part.count:
         raise PeerError(f"{what} sent {family} with a +Inf bucket ({counts[-1]:g}) unlike its count ({part.count:g})")
+    # These are latencies: their sum is a number of seconds, never negative.
+    if not math.isfinite(part.sum) or part.sum < 0:
+        raise PeerError(f"{what} sent {family}_sum = {part.sum!r}, which no sum of latencies can be")
     return Histogram(bounds, counts, part.sum, part.count)
 
 
 __all__ = [
     "FORMATS",
+    "MAX_BUCKETS",
     "UNKNOWN_MODEL",
     "EngineFormat",
     "Histogram",
     "ModelReading",
     "Reading",
     "detect",
+    "read_iteration_records",
     "read_page",
 ]
