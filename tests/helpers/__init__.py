@@ -91,3 +91,22 @@ def stop_process(proc: subprocess.Popen[str], timeout_s: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout_s)
+
+
+def run_limited(argv: Sequence[str], cwd: Path, log_path: Path, timeout_s: float = 120.0) -> tuple[int, float, int]:
+    """Run ``argv`` to its end under ``start_limited``, its output into ``log_path``; returns
+    its exit status, the seconds it took and its own peak RSS in bytes (``wait4`` reports the
+    child's, which ``Popen.wait`` does not)."""
+    with log_path.open("w") as log:
+        t0 = time.monotonic()
+        proc = start_limited(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def ended() -> tuple[int, int, resource.struct_rusage] | None:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                return (pid, status, usage) if pid else None
+
+            _, status, usage = wait_for(f"{Path(argv[0]).name} to end", ended, timeout_s=timeout_s)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            stop_process(proc)
+        return proc.returncode, time.monotonic() - t0, usage.ru_maxrss * 1024

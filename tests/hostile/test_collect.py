@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from rackscope.cli import main
-from tests.rack.tasks import RUN_ID, run_tasks
+from tests.rack.tasks import RUN_ID, finished_folder
 
 MIB = 1024 * 1024
 N02 = Path("nodes") / "n02"
@@ -27,10 +27,7 @@ ROWS = N02 / f"{RUN_ID}.requests.jsonl"
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tasks") / "res"
-    done = run_tasks(folder, 2)
-    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
-    return folder
+    return finished_folder(tmp_path_factory)
 
 
 @pytest.fixture

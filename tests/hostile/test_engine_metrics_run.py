@@ -12,11 +12,8 @@ socket server in this process; the run is a real process under the hostile-test 
 from __future__ import annotations
 
 import json
-import os
 import re
-import resource
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import rackscope_command, start_limited, stop_process, wait_for
+from tests.helpers import rackscope_command, run_limited, stop_process
 from tests.rackscope.engine_metrics.server import PageServer, gzip_bomb
 from tests.runner.streaming_server import Behaviour, StreamingServer
 
@@ -74,22 +71,10 @@ def run(where: Path, name: str, url: str, *extra: str) -> Run:
         "--requests", str(REQUESTS), "--output-len", str(TOKENS), "--input-len", "64", "--output", str(out), *extra,
     )
     log_path = where / f"{name}.log"
-    with log_path.open("w") as log:
-        t0 = time.monotonic()
-        proc = start_limited(argv, cwd=where, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            def ended() -> tuple[int, int, resource.struct_rusage] | None:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                return (pid, status, usage) if pid else None
-
-            _, status, usage = wait_for(f"run {name} to end", ended, timeout_s=120)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        finally:
-            stop_process(proc)
-        elapsed = time.monotonic() - t0
+    returncode, elapsed, peak_rss = run_limited(argv, where, log_path)
     output = log_path.read_text()
     assert out.exists(), output
-    return Run(proc.returncode, elapsed, usage.ru_maxrss * 1024, output, json.loads(out.read_text()))
+    return Run(returncode, elapsed, peak_rss, output, json.loads(out.read_text()))
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
-import resource
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +21,7 @@ import pytest
 
 from rackscope.runner.engines.base import Failed, FirstToken, Request, Tokens
 from rackscope.runner.engines.openai import OpenAIEngine
-from tests.helpers import rackscope_command, start_limited, stop_process, wait_for
+from tests.helpers import rackscope_command, run_limited, wait_for
 from tests.helpers.servers import LoopServer
 
 # Real processes and servers: seconds each (`pytest -m 'not slow'` leaves them out).
@@ -452,24 +449,11 @@ def run_command(server: HostileServer, run_id: str, requests: int, where: Path, 
         "--run-id", run_id, "--output", str(out), *extra,
     )  # fmt: skip
     log_path = where / f"{run_id}.log"
-    with log_path.open("w") as log:
-        t0 = time.monotonic()
-        proc = start_limited(argv, cwd=where, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            # wait4 reports this child's own peak RSS, which Popen.wait does not.
-            def ended() -> tuple[int, int, resource.struct_rusage] | None:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                return (pid, status, usage) if pid else None
-
-            _, status, usage = wait_for(f"run {run_id} to end", ended, timeout_s=120)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        finally:
-            stop_process(proc)
-        elapsed_s = time.monotonic() - t0
+    returncode, elapsed_s, peak_rss = run_limited(argv, where, log_path)
     output = log_path.read_text()
     assert out.exists(), output
     rows = {r["request_id"]: r for r in map(json.loads, out.with_suffix(".requests.jsonl").read_text().splitlines())}
-    return CliRun(proc.returncode, usage.ru_maxrss * 1024, elapsed_s, output, json.loads(out.read_text()), rows)
+    return CliRun(returncode, peak_rss, elapsed_s, output, json.loads(out.read_text()), rows)
 
 
 @pytest.mark.slow

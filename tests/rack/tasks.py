@@ -7,6 +7,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import rackscope_command, stop_process
 
 # 2 s measured on virtual time: moments of wall time, dozens of requests per node.
@@ -41,3 +43,11 @@ def run_tasks(results: Path, tasks: int, extra: Sequence[Sequence[str]] = (), ti
         for proc in procs:
             stop_process(proc)
     return done
+
+
+def finished_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished two-task run's results folder, for tests to copy (never to change)."""
+    folder = tmp_path_factory.mktemp("tasks") / "res"
+    done = run_tasks(folder, 2)
+    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
+    return folder

@@ -14,7 +14,7 @@ import pytest
 
 from rackscope.cli import main
 from rackscope.fileio import is_temp_name
-from tests.rack.tasks import RUN_ID, node_name, run_tasks
+from tests.rack.tasks import RUN_ID, finished_folder, node_name
 
 RECORD_KEYS = {"schema", "rack_run_id", "rack", "state", "error", "created_at", "ended_at", "start_at", "lead_time_s",
                "config", "environment", "summary", "timeseries", "nodes"}
@@ -26,11 +26,7 @@ ENTRY_KEYS = {"node", "key", "rack", "agent", "status", "error", "run_id", "gpus
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished two-task run's folder, copied (never changed) by each test."""
-    folder = tmp_path_factory.mktemp("tasks") / "res"
-    done = run_tasks(folder, 2)
-    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
-    return folder
+    return finished_folder(tmp_path_factory)
 
 
 @pytest.fixture

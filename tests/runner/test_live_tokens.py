@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -30,14 +30,6 @@ from rackscope.runner.records import RequestRecord
 from rackscope.runner.runloop import run_scenario
 from rackscope.runner.telemetry import WorkloadTelemetry
 from rackscope.simgpu import SimGpu, profile
-
-
-@pytest.fixture
-def reader() -> Iterator[tuple[InMemoryMetricReader, MeterProvider]]:
-    r = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[r])
-    yield r, provider
-    provider.shutdown()
 
 
 def output_tokens(reader: InMemoryMetricReader) -> dict[str, int]:
@@ -240,16 +232,14 @@ async def test_openai_failed_and_cancelled_requests_keep_the_counter_monotonic(
 
 
 # --- a whole-request engine that counts its open requests itself ---------------------------------------
-class CountingEngine(RecordsWholeRequests, CountsLiveTokens):
-    """Answers each request after ``tokens`` ticks of ``tick_s``, one token per tick, and says
-    how many tokens its open requests hold: the shape an HTTP client's record path has."""
+class TickEngine:
+    """A stand-in engine that makes one token per ``tick_s`` on the wall clock."""
 
-    name = "counting"
+    name = "tick"
     model = "m"
 
     def __init__(self, tick_s: float) -> None:
         self.tick_s = tick_s
-        self.open: dict[str, int] = {}
         self.streamed = 0
         self._clock = WallClock()
 
@@ -261,6 +251,17 @@ class CountingEngine(RecordsWholeRequests, CountsLiveTokens):
 
     async def stop(self) -> None:
         return None
+
+
+class CountingEngine(TickEngine, RecordsWholeRequests, CountsLiveTokens):
+    """Answers each request after ``tokens`` ticks of ``tick_s``, one token per tick, and says
+    how many tokens its open requests hold: the shape an HTTP client's record path has."""
+
+    name = "counting"
+
+    def __init__(self, tick_s: float) -> None:
+        super().__init__(tick_s)
+        self.open: dict[str, int] = {}
 
     async def stream(self, request: Request) -> AsyncIterator[EngineEvent]:
         self.streamed += 1  # the run loop should not come here: counted to check it does not
@@ -305,26 +306,14 @@ async def test_whole_request_engine_counting_its_open_requests_stays_on_its_path
     assert output_tokens(r) == {"all": 300}
 
 
-class WholeRequestEngine(RecordsWholeRequests):
+class WholeRequestEngine(TickEngine, RecordsWholeRequests):
     """Whole-request calls, and a stream, but no live count of its open requests."""
 
     name = "whole"
-    model = "m"
 
     def __init__(self, tick_s: float) -> None:
-        self.tick_s = tick_s
-        self.streamed = 0
+        super().__init__(tick_s)
         self.recorded = 0
-        self._clock = WallClock()
-
-    def now(self) -> float:
-        return self._clock.now()
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
 
     async def stream(self, request: Request) -> AsyncIterator[EngineEvent]:
         self.streamed += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,14 +11,6 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from rackscope import contract
 from rackscope.runner.records import RequestRecord
 from rackscope.runner.telemetry import WorkloadTelemetry
-
-
-@pytest.fixture
-def reader() -> Iterator[tuple[InMemoryMetricReader, MeterProvider]]:
-    r = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[r])
-    yield r, provider
-    provider.shutdown()
 
 
 def metrics_by_name(reader: InMemoryMetricReader) -> dict[str, Any]:
