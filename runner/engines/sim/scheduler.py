@@ -16,7 +16,12 @@ from rackscope.simgpu import SimGpu
 
 log = logging.getLogger(__package__)  # the package's name, like every module of the engine
 
-MAX_LAG_S = 0.5  # wall clock: how far a late timer may replay missed iterations
+# Wall clock: how far a late timer may replay missed iterations. A host that stalls the process
+# for a moment (a busy machine, a collection pause) must not cost the simulated GPUs their
+# tokens: their power model keeps drawing through the stall, so lost iterations would read as
+# lost tokens per joule and a healthy node would look inefficient. Longer gaps (a laptop that
+# slept) are dropped rather than replayed in one burst.
+MAX_LAG_S = 2.0
 MIN_SPEED = 1e-3  # a GPU capped below its idle power still crawls
 
 

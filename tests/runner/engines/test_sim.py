@@ -6,6 +6,7 @@ import asyncio
 import math
 import random
 import statistics
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -529,6 +530,31 @@ async def test_wall_clock_engine_serves_in_real_time() -> None:
     assert {evs[-1].gpu for evs in results} == {0, 1}  # type: ignore[union-attr]
     await engine.stop()
     assert math.isclose(gpus[0].utilization, 0.0)
+
+
+async def test_a_short_stall_of_the_host_costs_no_simulated_tokens() -> None:
+    # The simulated GPUs draw power through a stall of the process; iterations lost in it would
+    # read as lost tokens per joule. A stall under MAX_LAG_S is replayed when the loop returns.
+    clock = WallClock()
+    engine = SimEngine(make_node_gpus("gb300", 1, clock), clock)
+    await engine.start()
+    jobs = [engine.submit(Request(f"long{i}", input_tokens=100, max_output_tokens=3000), lambda ev: None)
+            for i in range(4)]
+
+    def generated() -> int:
+        return sum(job.tokens_so_far for job in jobs)
+
+    await asyncio.sleep(0.3)
+    a, t_a = generated(), clock.now()
+    await asyncio.sleep(0.5)
+    b, t_b = generated(), clock.now()
+    rate = (b - a) / (t_b - t_a)
+    time.sleep(1.2)  # the whole process stalls (a busy host): no timer fires meanwhile
+    await asyncio.sleep(0.05)  # the late timer fires and replays what the stall held up
+    c, t_c = generated(), clock.now()
+    assert rate > 0
+    assert c - b >= 0.8 * rate * (t_c - t_b), (c - b, rate * (t_c - t_b))
+    await engine.stop()
 
 
 async def test_a_failing_consumer_does_not_stop_the_engine(caplog: pytest.LogCaptureFixture) -> None:
